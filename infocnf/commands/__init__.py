@@ -1,0 +1,1 @@
+"""Subcommands of the infocnf command line, one module each."""

@@ -1,0 +1,472 @@
+"""Frozen, validating run configuration: data, model, conditioning, solver, tolerance and training."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+__all__ = [
+    "DataConfig",
+    "ModelConfig",
+    "ConditioningConfig",
+    "ToleranceConfig",
+    "SolverConfig",
+    "TrainConfig",
+    "RunConfig",
+    "DATASETS",
+    "CONDITIONING_METHODS",
+    "TOLERANCE_STRATEGIES",
+    "load_config",
+    "save_config",
+    "config_hash",
+    "apply_overrides",
+]
+
+DATASETS = ("digits", "mnist", "cifar10")
+CONDITIONING_METHODS = ("none", "ccnf", "infocnf")
+TOLERANCE_STRATEGIES = ("fixed", "manual", "learned")
+_ARCHITECTURES = ("mlp", "multiscale")
+_DIVERGENCES = ("hutchinson", "exact")
+_PROBES = ("rademacher", "gaussian")
+_ADAPTIVE_METHODS = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
+_FIXED_GRID_METHODS = ("euler", "midpoint", "heun2", "heun3", "rk4", "explicit_adams", "implicit_adams")
+
+
+def _require(condition: bool, section: str, name: str, value: Any, allowed: str) -> None:
+    if not condition:
+        raise ValueError(f"invalid {section}.{name} = {value!r}: expected {allowed}")
+
+
+def _require_positive_tolerance(section: str, name: str, value: float) -> None:
+    ok = isinstance(value, (int, float)) and math.isfinite(value) and 0 < value < 1
+    _require(ok, section, name, value, "a tolerance in (0, 1), for example 1e-5")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Dataset choice, where it lives and how it is preprocessed."""
+
+    name: str = "digits"
+    data_root: str = ""
+    download: bool = False
+    # Fraction of the training images held out for model selection.
+    val_fraction: float = 0.1
+    # Fraction of the digits images held out as the test set (MNIST and CIFAR10 ship their own).
+    test_fraction: float = 0.2
+    split_seed: int = 0
+    # Logit transform x -> logit(alpha + (1 - 2 alpha) x); 1e-6 follows FFJORD.
+    alpha: float = 1e-6
+    horizontal_flip: bool = True
+    num_workers: int = 0
+
+    def __post_init__(self) -> None:
+        _require(self.name in DATASETS, "data", "name", self.name, f"one of {', '.join(DATASETS)}")
+        _require(0 < self.val_fraction < 0.5, "data", "val_fraction", self.val_fraction, "a fraction in (0, 0.5)")
+        _require(0 < self.test_fraction < 0.5, "data", "test_fraction", self.test_fraction, "a fraction in (0, 0.5)")
+        _require(0 <= self.alpha < 0.5, "data", "alpha", self.alpha, "a value in [0, 0.5)")
+        _require(self.num_workers >= 0, "data", "num_workers", self.num_workers, "an integer >= 0")
+        if self.name != "digits":
+            _require(
+                bool(self.data_root),
+                "data",
+                "data_root",
+                self.data_root,
+                f"the folder that holds (or will hold, with download = true) the {self.name} files",
+            )
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Flow architecture: an MLP field on flat data or a multiscale convolutional flow."""
+
+    architecture: str = "mlp"
+    # Hidden widths of each ODE network (MLP layers, or 3x3 convolutions for images).
+    hidden_dims: tuple[int, ...] = (64, 64, 64)
+    # CNF blocks for the MLP flow; blocks before and after each squeeze for the multiscale flow.
+    num_blocks: int = 2
+    num_scales: int = 4
+    activation: str = "softplus"
+    # Learn the end time t1 of each block (initialised at t1).
+    train_t1: bool = False
+    t1: float = 1.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "hidden_dims", tuple(self.hidden_dims))
+        _require(self.architecture in _ARCHITECTURES, "model", "architecture", self.architecture, "mlp or multiscale")
+        _require(
+            len(self.hidden_dims) >= 1 and all(isinstance(d, int) and d > 0 for d in self.hidden_dims),
+            "model",
+            "hidden_dims",
+            self.hidden_dims,
+            "a non-empty list of positive integers",
+        )
+        _require(self.num_blocks >= 1, "model", "num_blocks", self.num_blocks, "an integer >= 1")
+        _require(self.num_scales >= 1, "model", "num_scales", self.num_scales, "an integer >= 1")
+        _require(
+            self.activation in ("softplus", "tanh", "elu"), "model", "activation", self.activation, "softplus, tanh or elu"
+        )
+        _require(self.t1 > 0, "model", "t1", self.t1, "an end time > 0")
+
+
+@dataclass(frozen=True)
+class ConditioningConfig:
+    """How labels condition the flow: none, CCNF (whole latent) or InfoCNF (supervised part only)."""
+
+    method: str = "infocnf"
+    # Share of the latent dimensions that form z_y in InfoCNF.
+    supervised_ratio: float = 0.5
+    # Weight beta of the cross-entropy term in J = NLL + beta * CE.
+    ce_weight: float = 0.5
+    classifier_dropout: float = 0.5
+
+    def __post_init__(self) -> None:
+        _require(
+            self.method in CONDITIONING_METHODS, "conditioning", "method", self.method, "none, ccnf or infocnf"
+        )
+        _require(
+            0 < self.supervised_ratio <= 1,
+            "conditioning",
+            "supervised_ratio",
+            self.supervised_ratio,
+            "a fraction in (0, 1]",
+        )
+        _require(self.ce_weight >= 0, "conditioning", "ce_weight", self.ce_weight, "a weight >= 0")
+        _require(
+            0 <= self.classifier_dropout < 1,
+            "conditioning",
+            "classifier_dropout",
+            self.classifier_dropout,
+            "a probability in [0, 1)",
+        )
+
+
+@dataclass(frozen=True)
+class ToleranceConfig:
+    """Training-time tolerance strategy; evaluation always uses SolverConfig.eval_tolerance."""
+
+    strategy: str = "fixed"
+    # fixed: atol = rtol = value for every block.
+    value: float = 1e-5
+    # manual: one tolerance per CNF block, in flow order.
+    per_block: tuple[float, ...] = ()
+    # learned: the gates sample log10 tolerances clamped to [log10_min, log10_max].
+    log10_min: float = -8.0
+    log10_max: float = -1.0
+    log10_init: float = -5.0
+    init_log_std: float = -0.5
+    gate_hidden: int = 32
+    # Weight of the REINFORCE term in the total loss, and the reward scale per NFE.
+    reinforce_weight: float = 1.0
+    nfe_reward_scale: float = 0.01
+    discount: float = 1.0
+    # Add the detached task loss as a terminal reward (negative), scaled by this weight; 0 disables it.
+    task_reward_weight: float = 0.0
+    # Momentum of the moving-average baseline subtracted from each return.
+    baseline_momentum: float = 0.9
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "per_block", tuple(float(v) for v in self.per_block))
+        section = "solver.tolerance"
+        _require(
+            self.strategy in TOLERANCE_STRATEGIES, section, "strategy", self.strategy, "fixed, manual or learned"
+        )
+        _require_positive_tolerance(section, "value", self.value)
+        for i, tol in enumerate(self.per_block):
+            _require_positive_tolerance(section, f"per_block[{i}]", tol)
+        if self.strategy == "manual":
+            _require(len(self.per_block) > 0, section, "per_block", list(self.per_block), "one tolerance per CNF block")
+        _require(
+            self.log10_min < self.log10_max,
+            section,
+            "log10_min",
+            self.log10_min,
+            f"a value below log10_max = {self.log10_max}",
+        )
+        _require(self.log10_max < 0, section, "log10_max", self.log10_max, "a value < 0 (tolerance below 1)")
+        _require(
+            self.log10_min <= self.log10_init <= self.log10_max,
+            section,
+            "log10_init",
+            self.log10_init,
+            f"a value in [log10_min, log10_max] = [{self.log10_min}, {self.log10_max}]",
+        )
+        _require(self.gate_hidden >= 1, section, "gate_hidden", self.gate_hidden, "an integer >= 1")
+        _require(self.reinforce_weight >= 0, section, "reinforce_weight", self.reinforce_weight, "a weight >= 0")
+        _require(self.nfe_reward_scale > 0, section, "nfe_reward_scale", self.nfe_reward_scale, "a scale > 0")
+        _require(0 < self.discount <= 1, section, "discount", self.discount, "a discount in (0, 1]")
+        _require(self.task_reward_weight >= 0, section, "task_reward_weight", self.task_reward_weight, "a weight >= 0")
+        _require(
+            0 <= self.baseline_momentum < 1,
+            section,
+            "baseline_momentum",
+            self.baseline_momentum,
+            "a momentum in [0, 1)",
+        )
+
+
+@dataclass(frozen=True)
+class SolverConfig:
+    """ODE solver, divergence estimator and evaluation tolerances."""
+
+    method: str = "dopri5"
+    adjoint: bool = False
+    divergence: str = "hutchinson"
+    probe: str = "rademacher"
+    # Attempted steps allowed per solve before it fails with status "step_budget_exceeded".
+    max_num_steps: int = 1000
+    # Step size of fixed-grid methods (euler, rk4, ...), in units of t.
+    step_size: float = 0.05
+    eval_tolerance: float = 1e-5
+    extra_eval_tolerances: tuple[float, ...] = (1e-6, 1e-7, 1e-8)
+    tolerance: ToleranceConfig = field(default_factory=ToleranceConfig)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.tolerance, dict):
+            object.__setattr__(self, "tolerance", _build(ToleranceConfig, self.tolerance, "solver.tolerance"))
+        object.__setattr__(self, "extra_eval_tolerances", tuple(float(v) for v in self.extra_eval_tolerances))
+        methods = _ADAPTIVE_METHODS + _FIXED_GRID_METHODS
+        _require(self.method in methods, "solver", "method", self.method, f"a torchdiffeq method: {', '.join(methods)}")
+        _require(self.divergence in _DIVERGENCES, "solver", "divergence", self.divergence, "hutchinson or exact")
+        _require(self.probe in _PROBES, "solver", "probe", self.probe, "rademacher or gaussian")
+        _require(self.max_num_steps >= 1, "solver", "max_num_steps", self.max_num_steps, "an integer >= 1")
+        _require(self.step_size > 0, "solver", "step_size", self.step_size, "a step size > 0")
+        _require_positive_tolerance("solver", "eval_tolerance", self.eval_tolerance)
+        for i, tol in enumerate(self.extra_eval_tolerances):
+            _require_positive_tolerance("solver", f"extra_eval_tolerances[{i}]", tol)
+
+    @property
+    def adaptive(self) -> bool:
+        """Whether the method chooses its own steps (and so honours atol and rtol)."""
+        return self.method in _ADAPTIVE_METHODS
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation: Adam, learning-rate schedule, clipping, budget and checkpoints."""
+
+    epochs: int = 60
+    batch_size: int = 64
+    eval_batch_size: int = 500
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    # Linear warm-up from 0 to lr over this many iterations.
+    warmup_iters: int = 0
+    # Multiply the learning rate by lr_decay_factor at the start of each listed epoch.
+    lr_decay_epochs: tuple[int, ...] = ()
+    lr_decay_factor: float = 0.1
+    # Clip the global gradient norm; 0 disables clipping.
+    grad_clip: float = 100.0
+    # Evaluate on the validation split every this many epochs (and after the last one).
+    eval_every: int = 1
+    checkpoint_every: int = 1
+    # Stop a run whose training loss is not finite or exceeds this value.
+    divergence_threshold: float = 1e6
+    # Wall-clock limit for the run in seconds; 0 means none.
+    time_limit_s: float = 0.0
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "lr_decay_epochs", tuple(int(e) for e in self.lr_decay_epochs))
+        _require(self.epochs >= 1, "train", "epochs", self.epochs, "an integer >= 1")
+        _require(self.batch_size >= 1, "train", "batch_size", self.batch_size, "an integer >= 1")
+        _require(self.eval_batch_size >= 1, "train", "eval_batch_size", self.eval_batch_size, "an integer >= 1")
+        _require(
+            isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0,
+            "train",
+            "lr",
+            self.lr,
+            "a learning rate > 0, for example 1e-3",
+        )
+        _require(self.weight_decay >= 0, "train", "weight_decay", self.weight_decay, "a value >= 0")
+        _require(self.warmup_iters >= 0, "train", "warmup_iters", self.warmup_iters, "an integer >= 0")
+        _require(
+            list(self.lr_decay_epochs) == sorted(set(self.lr_decay_epochs)) and all(e >= 1 for e in self.lr_decay_epochs),
+            "train",
+            "lr_decay_epochs",
+            list(self.lr_decay_epochs),
+            "strictly increasing epochs >= 1",
+        )
+        _require(0 < self.lr_decay_factor <= 1, "train", "lr_decay_factor", self.lr_decay_factor, "a factor in (0, 1]")
+        _require(self.grad_clip >= 0, "train", "grad_clip", self.grad_clip, "a norm >= 0 (0 disables clipping)")
+        _require(self.eval_every >= 1, "train", "eval_every", self.eval_every, "an integer >= 1")
+        _require(self.checkpoint_every >= 1, "train", "checkpoint_every", self.checkpoint_every, "an integer >= 1")
+        _require(self.divergence_threshold > 0, "train", "divergence_threshold", self.divergence_threshold, "a value > 0")
+        _require(self.time_limit_s >= 0, "train", "time_limit_s", self.time_limit_s, "seconds >= 0 (0 for no limit)")
+        _require(
+            self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
+            "train",
+            "device",
+            self.device,
+            "auto, cpu or cuda[:N]",
+        )
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything one training run needs; written beside its results as config.toml."""
+
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    conditioning: ConditioningConfig = field(default_factory=ConditioningConfig)
+    solver: SolverConfig = field(default_factory=SolverConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        _require(isinstance(self.seed, int) and self.seed >= 0, "run", "seed", self.seed, "an integer >= 0")
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> RunConfig:
+        """Build a config from nested dictionaries, rejecting unknown keys."""
+        return _build(cls, raw, "run")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return nested plain dictionaries (tuples as lists) suitable for TOML."""
+        return _to_plain(dataclasses.asdict(self))
+
+    def flat(self) -> dict[str, Any]:
+        """Return the config as dotted keys, for example ``solver.tolerance.value``."""
+        out: dict[str, Any] = {}
+
+        def walk(prefix: str, value: Any) -> None:
+            if isinstance(value, dict):
+                for key, sub in value.items():
+                    walk(f"{prefix}.{key}" if prefix else key, sub)
+            else:
+                out[prefix] = value
+
+        walk("", self.to_dict())
+        return out
+
+
+_NESTED = {
+    RunConfig: {
+        "data": DataConfig,
+        "model": ModelConfig,
+        "conditioning": ConditioningConfig,
+        "solver": SolverConfig,
+        "train": TrainConfig,
+    },
+    SolverConfig: {"tolerance": ToleranceConfig},
+}
+
+
+def _build(cls: type, raw: Any, section: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ValueError(f"invalid [{section}]: expected a table of settings, got {raw!r}")
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(raw) - set(known))
+    if unknown:
+        raise ValueError(
+            f"unknown setting {section}.{unknown[0]}: the [{section}] table accepts {', '.join(sorted(known))}"
+        )
+    kwargs = {}
+    for key, value in raw.items():
+        sub = _NESTED.get(cls, {}).get(key)
+        name = key if section == "run" else f"{section}.{key}"
+        kwargs[key] = _build(sub, value, name) if sub is not None else _coerce(known[key], value, section)
+    return cls(**kwargs)
+
+
+def _coerce(f: dataclasses.Field, value: Any, section: str) -> Any:
+    default = f.default if f.default is not dataclasses.MISSING else None
+    where = f"{section}.{f.name}" if section != "run" else f.name
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ValueError(f"invalid {where} = {value!r}: expected true or false")
+        return value
+    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(default, int) and not isinstance(default, bool):
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ValueError(f"invalid {where} = {value!r}: expected an integer")
+    if isinstance(default, float) and not isinstance(value, (int, float)):
+        raise ValueError(f"invalid {where} = {value!r}: expected a number")
+    if isinstance(default, str) and not isinstance(value, str):
+        raise ValueError(f"invalid {where} = {value!r}: expected a string")
+    if isinstance(default, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"invalid {where} = {value!r}: expected a list")
+        return tuple(value)
+    return value
+
+
+def _to_plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _to_plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_to_plain(v) for v in value]
+    return value
+
+
+def load_config(path: str | Path) -> RunConfig:
+    """Read a TOML run config; a missing file or a bad value raises ValueError naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"config file not found: {path}; pass an existing .toml file (see configs/ for examples)")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"invalid TOML in {path}: {exc}") from exc
+    try:
+        return RunConfig.from_dict(raw)
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from exc
+
+
+def save_config(config: RunConfig, path: str | Path) -> None:
+    """Write the resolved config as TOML."""
+    Path(path).write_text(tomli_w.dumps(config.to_dict()))
+
+
+def config_hash(config: RunConfig) -> str:
+    """Return a short stable hash of the resolved config, used to match finished runs."""
+    text = json.dumps(config.to_dict(), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _parse_value(text: str) -> Any:
+    # TOML syntax for the value: 1e-3, true, "cpu", [1, 2].
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text  # A bare word such as infocnf is taken as a string.
+
+
+def apply_overrides(config: RunConfig, overrides: list[str] | dict[str, Any]) -> RunConfig:
+    """Return a copy of config with dotted-key overrides applied.
+
+    ``overrides`` is a list of ``"section.key=value"`` strings (values in TOML syntax) or a
+    mapping of dotted keys to values.
+    """
+    if isinstance(overrides, dict):
+        items = list(overrides.items())
+    else:
+        items = []
+        for text in overrides:
+            if "=" not in text:
+                raise ValueError(f"invalid override {text!r}: expected section.key=value, for example train.lr=1e-3")
+            key, value = text.split("=", 1)
+            items.append((key.strip(), _parse_value(value.strip())))
+    raw = config.to_dict()
+    for key, value in items:
+        parts = key.split(".")
+        node = raw
+        for part in parts[:-1]:
+            if part not in node or not isinstance(node[part], dict):
+                raise ValueError(f"unknown setting {key!r}: {part!r} is not a section of the config")
+            node = node[part]
+        if parts[-1] not in node:
+            raise ValueError(f"unknown setting {key!r}: known keys here are {', '.join(sorted(node))}")
+        node[parts[-1]] = value
+    return RunConfig.from_dict(raw)

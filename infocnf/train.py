@@ -1,0 +1,399 @@
+"""The training loop: Adam with a configured schedule, checkpoints, exact resume and callbacks."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from .config import RunConfig, config_hash, save_config
+from .data import DataSplits, dequantize, iterate_batches, load_splits, random_horizontal_flip
+from .evaluate import evaluate, fit_diagonal_gaussian_bpd
+from .model import ConditionalCNF, build_model
+from .solve import SolveError
+from .tolerance import FixedPlan, LearnedPolicy, TolerancePolicy, build_policy
+
+__all__ = ["Trainer", "TrainResult", "TrainerCallback", "train_run", "resolve_device", "learning_rate_at", "seed_everything"]
+
+log = logging.getLogger(__name__)
+
+RUN_STATUSES = ("finished", "diverged", "step_size_underflow", "step_budget_exceeded", "non_finite", "timeout", "out_of_memory")
+
+
+class TrainerCallback(Protocol):
+    """Receives training events; every method is optional."""
+
+    def on_start(self, trainer: Trainer) -> None: ...
+    def on_iteration(self, trainer: Trainer, iteration: int, iterations_per_epoch: int) -> None: ...
+    def on_epoch_end(self, trainer: Trainer, row: dict[str, float]) -> None: ...
+    def on_end(self, trainer: Trainer, result: TrainResult) -> None: ...
+
+
+@dataclass
+class TrainResult:
+    """Outcome of a run: status ("finished" or a failure kind), reason, final metrics, history rows."""
+
+    status: str
+    reason: str = ""
+    metrics: dict[str, Any] = field(default_factory=dict)
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def resolve_device(name: str) -> torch.device:
+    """Map train.device to a device: "auto" is the GPU when there is one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"invalid train.device = {name!r}: no CUDA device is available; use auto or cpu")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (CPU and every GPU)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def learning_rate_at(config: RunConfig, epoch: int, iteration: int) -> float:
+    """Learning rate at a 0-based epoch and global iteration: linear warm-up, then step decay."""
+    cfg = config.train
+    lr = cfg.lr * cfg.lr_decay_factor ** sum(1 for e in cfg.lr_decay_epochs if epoch >= e)
+    if cfg.warmup_iters and iteration < cfg.warmup_iters:
+        lr *= (iteration + 1) / cfg.warmup_iters
+    return lr
+
+
+def _quantiles(values: list[float], prefix: str) -> dict[str, float]:
+    if not values:
+        return {}
+    arr = np.asarray(values, dtype=float)
+    return {
+        f"{prefix}_mean": float(arr.mean()),
+        f"{prefix}_std": float(arr.std()),
+        f"{prefix}_q10": float(np.quantile(arr, 0.1)),
+        f"{prefix}_q50": float(np.quantile(arr, 0.5)),
+        f"{prefix}_q90": float(np.quantile(arr, 0.9)),
+    }
+
+
+class Trainer:
+    """Train one run: the model, its tolerance policy, Adam, and checkpoints under ``output_dir``."""
+
+    def __init__(
+        self,
+        config: RunConfig,
+        output_dir: str | Path,
+        callbacks: list[Any] | None = None,
+        splits: DataSplits | None = None,
+    ):
+        self.config = config
+        self.output_dir = Path(output_dir)
+        self.callbacks = list(callbacks or [])
+        self.device = resolve_device(config.train.device)
+        seed_everything(config.seed)
+        self.splits = (splits or load_splits(config.data)).to(self.device)
+        self.model: ConditionalCNF = build_model(
+            config, self.splits.shape, self.splits.levels, self.splits.num_classes
+        ).to(self.device)
+        self.policy: TolerancePolicy = build_policy(config.solver.tolerance, self.model.block_shapes).to(self.device)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        params += [p for p in self.policy.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.Adam(params, lr=config.train.lr, weight_decay=config.train.weight_decay)
+        self.epoch = 0  # Epochs completed.
+        self.iteration = 0
+        self.history: list[dict[str, float]] = []
+        self.best: dict[str, float] = {}
+        self.elapsed_s = 0.0
+        self.config_hash = config_hash(config)
+
+    # Checkpoints -------------------------------------------------------------------------------
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.output_dir / "checkpoints"
+
+    def _state(self) -> dict[str, Any]:
+        return {
+            "config_hash": self.config_hash,
+            "model": self.model.state_dict(),
+            "policy": self.policy.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "epoch": self.epoch,
+            "iteration": self.iteration,
+            "history": self.history,
+            "best": self.best,
+            "elapsed_s": self.elapsed_s,
+            "rng": {
+                "python": random.getstate(),
+                "numpy": np.random.get_state(),
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            },
+        }
+
+    def _save(self, name: str, state: dict[str, Any] | None = None) -> None:
+        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        path = self.checkpoint_dir / name
+        tmp = path.with_suffix(".tmp")
+        torch.save(state or self._state(), tmp)
+        os.replace(tmp, path)  # Atomic: an interrupted save never leaves a half-written checkpoint.
+
+    def resume(self) -> bool:
+        """Load checkpoints/last.pt if present; returns whether training resumes from it."""
+        path = self.checkpoint_dir / "last.pt"
+        if not path.is_file():
+            return False
+        state = torch.load(path, map_location=self.device, weights_only=False)
+        if state["config_hash"] != self.config_hash:
+            raise ValueError(
+                f"checkpoint {path} belongs to a different config (hash {state['config_hash']}, this run "
+                f"{self.config_hash}); use a new output folder or restore the original config"
+            )
+        self.model.load_state_dict(state["model"])
+        self.policy.load_state_dict(state["policy"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.epoch, self.iteration = state["epoch"], state["iteration"]
+        self.history, self.best, self.elapsed_s = state["history"], state["best"], state["elapsed_s"]
+        random.setstate(state["rng"]["python"])
+        np.random.set_state(state["rng"]["numpy"])
+        torch.set_rng_state(state["rng"]["torch"].cpu())
+        if state["rng"]["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all([s.cpu() for s in state["rng"]["cuda"]])
+        log.info("resumed from %s after epoch %d", path, self.epoch)
+        return True
+
+    # Events ----------------------------------------------------------------------------------
+
+    def _emit(self, event: str, *args: Any) -> None:
+        for callback in self.callbacks:
+            method = getattr(callback, event, None)
+            if method is not None:
+                method(self, *args)
+
+    # Training --------------------------------------------------------------------------------
+
+    def _train_epoch(self, deadline: float | None) -> dict[str, float]:
+        cfg = self.config
+        self.model.train()
+        self.policy.train()
+        sums: dict[str, float] = {"loss": 0.0, "nll_bpd": 0.0, "cross_entropy": 0.0, "errors": 0.0, "examples": 0.0}
+        nfe_fwd, nfe_bwd, tolerance_log10 = [], [], []
+        block_fwd, block_bwd, block_tols = [], [], []
+        batches = iterate_batches(
+            self.splits.train, cfg.train.batch_size, shuffle=True, seed=cfg.seed * 100_003 + self.epoch, drop_last=True
+        )
+        per_epoch = max(1, len(self.splits.train) // cfg.train.batch_size)
+        for step, (images, labels) in enumerate(batches):
+            for group in self.optimizer.param_groups:
+                group["lr"] = learning_rate_at(cfg, self.epoch, self.iteration)
+            x = dequantize(images, self.splits.levels)
+            if self.splits.flip_train:
+                x = random_horizontal_flip(x)
+            plan = self.policy.plan(cfg.solver, deadline)
+            out = self.model(x, labels, plan)
+            loss, parts = self.model.loss(out, labels)
+            loss_value = float(loss.detach())
+            if not math.isfinite(loss_value) or loss_value > cfg.train.divergence_threshold:
+                raise _Diverged(f"training loss {loss_value:g} at epoch {self.epoch + 1}, iteration {self.iteration}")
+            total = loss
+            policy_loss = self.policy.policy_loss(plan, out.stats, loss)
+            if policy_loss is not None:
+                total = total + policy_loss
+            self.optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            if cfg.train.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(
+                    [p for g in self.optimizer.param_groups for p in g["params"]], cfg.train.grad_clip
+                )
+            self.optimizer.step()
+            self.iteration += 1
+
+            count = labels.shape[0]
+            sums["loss"] += loss_value * count
+            sums["nll_bpd"] += float(parts["nll_bpd"]) * count
+            if "cross_entropy" in parts:
+                sums["cross_entropy"] += float(parts["cross_entropy"]) * count
+                sums["errors"] += float((out.logits.argmax(1) != labels).sum())
+            sums["examples"] += count
+            # Backward NFE is known only now, after loss.backward().
+            nfe_fwd.append(sum(s.nfe_forward for s in out.stats))
+            nfe_bwd.append(sum(s.nfe_backward for s in out.stats))
+            block_fwd.append([s.nfe_forward for s in out.stats])
+            block_bwd.append([s.nfe_backward for s in out.stats])
+            block_tols.append([math.log10(s.atol) for s in out.stats])
+            tolerance_log10.extend(block_tols[-1])
+            self._emit("on_iteration", step + 1, per_epoch)
+
+        n = sums["examples"]
+        row = {
+            "train_loss": sums["loss"] / n,
+            "train_bits_per_dim": sums["nll_bpd"] / n,
+            "train_nfe_forward": float(np.mean(nfe_fwd)),
+            "train_nfe_backward": float(np.mean(nfe_bwd)),
+        }
+        if self.model.head.conditional:
+            row["train_cross_entropy"] = sums["cross_entropy"] / n
+            row["train_error"] = sums["errors"] / n
+        for i, (f, b) in enumerate(zip(np.mean(block_fwd, axis=0), np.mean(block_bwd, axis=0))):
+            row[f"train_nfe_forward_block_{i}"] = float(f)
+            row[f"train_nfe_backward_block_{i}"] = float(b)
+        if isinstance(self.policy, LearnedPolicy):
+            for i, column in enumerate(np.array(block_tols).T):
+                row.update(_quantiles(list(column), f"train_log10_tol_block_{i}"))
+        return row
+
+    def _evaluate(self, split_name: str, tolerance: float, observer=None) -> dict[str, float]:
+        split = getattr(self.splits, split_name)
+        return evaluate(
+            self.model,
+            split,
+            lambda: FixedPlan(self.config.solver, tolerance=tolerance),
+            self.config.train.eval_batch_size,
+            seed=self.config.seed + 7,
+            observer=observer,
+        )
+
+    def _gate_observer(self) -> tuple[Any, dict[int, list[float]]]:
+        """An observer that samples each gate's tolerance on evaluation data, without using it."""
+        samples: dict[int, list[float]] = {}
+        policy = self.policy
+        if not isinstance(policy, LearnedPolicy):
+            return None, samples
+
+        def observe(block: int, x: torch.Tensor) -> None:
+            mean, log_std = policy.distribution(block, x)
+            value = torch.normal(mean, log_std.exp()).clamp(policy.log10_min, policy.log10_max)
+            samples.setdefault(block, []).append(float(value))
+
+        return observe, samples
+
+    def _select_value(self, val: dict[str, float]) -> float:
+        # Model selection uses the validation split only: the training objective at eval tolerance.
+        return val["loss"]
+
+    def fit(self, resume: bool = True) -> TrainResult:
+        """Train to the configured number of epochs, then evaluate the selected model on test."""
+        cfg = self.config
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, self.output_dir / "config.toml")
+        if resume:
+            self.resume()
+        self._emit("on_start")
+        started = time.monotonic()
+        base_elapsed = self.elapsed_s
+        limit = cfg.train.time_limit_s
+        # Solves check this monotonic deadline, so a run stuck in one slow solve still stops.
+        deadline = started + (limit - base_elapsed) if limit > 0 else None
+        try:
+            while self.epoch < cfg.train.epochs:
+                row = {"epoch": self.epoch + 1, "lr": learning_rate_at(cfg, self.epoch, self.iteration)}
+                row.update(self._train_epoch(deadline))
+                self.epoch += 1
+                last = self.epoch == cfg.train.epochs
+                if self.epoch % cfg.train.eval_every == 0 or last:
+                    val = self._evaluate("val", cfg.solver.eval_tolerance)
+                    row.update({f"val_{k}": v for k, v in val.items()})
+                    observer, samples = self._gate_observer()
+                    test = self._evaluate("test", cfg.solver.eval_tolerance, observer)
+                    row.update({f"test_{k}": v for k, v in test.items()})
+                    for block, values in sorted(samples.items()):
+                        row.update(_quantiles(values, f"test_log10_tol_block_{block}"))
+                    if not self.best or self._select_value(val) < self.best["select_value"]:
+                        self.best = {"select_value": self._select_value(val), "epoch": self.epoch}
+                        self._save("best.pt")
+                self.elapsed_s = base_elapsed + (time.monotonic() - started)
+                row["elapsed_s"] = self.elapsed_s
+                self.history.append(row)
+                if self.epoch % cfg.train.checkpoint_every == 0 or last:
+                    self._save("last.pt")
+                self._write_history()
+                self._emit("on_epoch_end", row)
+                if cfg.train.time_limit_s and self.elapsed_s > cfg.train.time_limit_s and not last:
+                    raise SolveError("timeout", f"the run passed train.time_limit_s = {cfg.train.time_limit_s:g} s")
+            metrics = self._final_metrics()
+            result = TrainResult("finished", "", metrics, self.history)
+        except SolveError as exc:
+            result = self._failed(exc.status, exc.message)
+        except _Diverged as exc:
+            result = self._failed("diverged", f"{exc}; lower train.lr or tighten train.grad_clip")
+        except torch.cuda.OutOfMemoryError as exc:
+            result = self._failed("out_of_memory", f"{exc}; lower train.batch_size or set solver.adjoint = true")
+        self._write_metrics(result)
+        self._emit("on_end", result)
+        return result
+
+    def _failed(self, status: str, reason: str) -> TrainResult:
+        log.warning("run failed at epoch %d with status %s: %s", self.epoch + 1, status, reason)
+        return TrainResult(status, reason, {"status": status, "reason": reason, "epochs_completed": self.epoch}, self.history)
+
+    def _final_metrics(self) -> dict[str, Any]:
+        cfg = self.config
+        best_path = self.checkpoint_dir / "best.pt"
+        if best_path.is_file():
+            state = torch.load(best_path, map_location=self.device, weights_only=False)
+            self.model.load_state_dict(state["model"])
+            self.policy.load_state_dict(state["policy"])
+        metrics: dict[str, Any] = {"status": "finished", "selected_epoch": self.best.get("epoch", self.epoch)}
+        val = self._evaluate("val", cfg.solver.eval_tolerance)
+        metrics.update({f"val_{k}": v for k, v in val.items()})
+        test = self._evaluate("test", cfg.solver.eval_tolerance)
+        metrics.update({f"test_{k}": v for k, v in test.items()})
+        metrics["eval_tolerance"] = cfg.solver.eval_tolerance
+        metrics["extra_eval_tolerances"] = list(cfg.solver.extra_eval_tolerances)
+        # The same selected model at tighter tolerances: the metrics should not move.
+        for tol in cfg.solver.extra_eval_tolerances:
+            extra = self._evaluate("test", tol)
+            for key in ("bits_per_dim", "bits_per_dim_marginal", "error", "nfe_forward"):
+                metrics[f"test_{key}_at_{tol:g}"] = extra[key]
+        if isinstance(self.policy, LearnedPolicy):
+            mean_eval = evaluate(
+                self.model,
+                self.splits.test,
+                lambda: self.policy.mean_plan(cfg.solver),
+                cfg.train.eval_batch_size,
+                seed=cfg.seed + 7,
+            )
+            for key in ("bits_per_dim", "error", "nfe_forward", "tolerance_min", "tolerance_max"):
+                metrics[f"test_{key}_at_gate_mean"] = mean_eval[key]
+        train_rows = [r for r in self.history if "train_nfe_forward" in r]
+        metrics["train_nfe_forward"] = float(np.mean([r["train_nfe_forward"] for r in train_rows]))
+        metrics["train_nfe_backward"] = float(np.mean([r["train_nfe_backward"] for r in train_rows]))
+        metrics["baseline_diag_gaussian_test_bits_per_dim"] = fit_diagonal_gaussian_bpd(
+            self.splits.train, self.splits.test, self.splits.levels, cfg.data.alpha, seed=cfg.seed
+        )
+        metrics["elapsed_s"] = self.elapsed_s
+        metrics["epochs_completed"] = self.epoch
+        metrics["num_parameters"] = sum(p.numel() for p in self.model.parameters())
+        metrics["config_hash"] = self.config_hash
+        metrics["device"] = str(self.device)
+        return metrics
+
+    def _write_history(self) -> None:
+        import pandas as pd
+
+        pd.DataFrame(self.history).to_csv(self.output_dir / "history.csv", index=False)
+
+    def _write_metrics(self, result: TrainResult) -> None:
+        path = self.output_dir / "metrics.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(result.metrics, indent=2, sort_keys=True, default=float))
+        os.replace(tmp, path)
+
+
+class _Diverged(RuntimeError):
+    pass
+
+
+def train_run(config: RunConfig, output_dir: str | Path, callbacks: list[Any] | None = None, resume: bool = True) -> TrainResult:
+    """Train one run end to end and write its config, history, metrics and checkpoints."""
+    return Trainer(config, output_dir, callbacks).fit(resume=resume)
