@@ -11,12 +11,18 @@ os.environ.setdefault("DO_NOT_TRACK", "true")
 import argparse  # noqa: E402
 import importlib  # noqa: E402
 import logging  # noqa: E402
+import pkgutil  # noqa: E402
 import sys  # noqa: E402
 
 __all__ = ["main", "build_parser"]
 
-# Subcommand modules under infocnf.commands; each defines register(subparsers).
-_COMMANDS = ("train",)
+
+
+def _command_modules() -> list[str]:
+    # Every module in infocnf.commands defines register(subparsers) for one subcommand.
+    from . import commands
+
+    return sorted(info.name for info in pkgutil.iter_modules(commands.__path__))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,8 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name in _COMMANDS:
-        importlib.import_module(f"infocnf.commands.{name.replace('-', '_')}").register(subparsers)
+    for name in _command_modules():
+        importlib.import_module(f"infocnf.commands.{name}").register(subparsers)
     return parser
 
 
