@@ -14,7 +14,7 @@ from .fields import ConvField, MLPField
 from .solve import SolveOptions, SolveStats, solve_cnf
 from .transforms import squeeze, unsqueeze
 
-__all__ = ["CNFBlock", "FlatCNF", "MultiscaleCNF", "FlowOutput", "SolvePlan", "build_flow"]
+__all__ = ["CNFBlock", "FlatCNF", "MultiscaleCNF", "FlowOutput", "SolvePlan", "build_flow", "count_cnf_blocks"]
 
 # Maps (block index, block input) to the options of that block's solve. Tolerance policies
 # build these; the input is what a learned gate looks at.
@@ -193,3 +193,11 @@ def build_flow(shape: tuple[int, int, int], config: ModelConfig) -> FlatCNF | Mu
     if config.architecture == "multiscale":
         return MultiscaleCNF(shape, config)
     raise ValueError(f"unknown model.architecture {config.architecture!r}: choose mlp or multiscale")
+
+
+def count_cnf_blocks(config: ModelConfig) -> int:
+    """Number of CNF blocks the configured flow has, without building it."""
+    if config.architecture == "mlp":
+        return config.num_blocks
+    # Two groups of blocks per scale (before and after the squeeze), one group on the last scale.
+    return (2 * (config.num_scales - 1) + 1) * config.num_blocks

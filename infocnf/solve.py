@@ -190,6 +190,10 @@ def solve_cnf(
     try:
         if options.adjoint:
             params = tuple(p for p in dynamics.parameters() if p.requires_grad)
+            # A learned end time enters the dynamics as a tensor, not a parameter of the field, so
+            # the adjoint computes its gradient only when it is listed here.
+            if t1.requires_grad:
+                params = params + (t1,)
             z_path, logp_path = odeint_adjoint(dynamics, (x, log_p0), s, adjoint_params=params, **kwargs)
         else:
             z_path, logp_path = odeint(dynamics, (x, log_p0), s, **kwargs)

@@ -263,7 +263,7 @@ class Trainer:
             observer=observer,
         )
 
-    def _gate_observer(self) -> tuple[Any, dict[int, list[float]]]:
+    def _gate_observer(self, draws: int = 1) -> tuple[Any, dict[int, list[float]]]:
         """An observer that samples each gate's tolerance on evaluation data, without using it."""
         samples: dict[int, list[float]] = {}
         policy = self.policy
@@ -272,10 +272,33 @@ class Trainer:
 
         def observe(block: int, x: torch.Tensor) -> None:
             mean, log_std = policy.distribution(block, x)
-            value = torch.normal(mean, log_std.exp()).clamp(policy.log10_min, policy.log10_max)
-            samples.setdefault(block, []).append(float(value))
+            values = (mean + log_std.exp() * torch.randn(draws, device=mean.device)).clamp(
+                policy.log10_min, policy.log10_max
+            )
+            samples.setdefault(block, []).extend(values.tolist())
 
         return observe, samples
+
+    def _write_tolerance_samples(self) -> dict[str, float]:
+        """Sample every gate on train and test batches into tolerances.csv; return per-block means."""
+        import pandas as pd
+
+        rows, means = [], {}
+        for split_name in ("train", "test"):
+            observer, samples = self._gate_observer(draws=20)
+            evaluate(
+                self.model,
+                getattr(self.splits, split_name),
+                lambda: FixedPlan(self.config.solver, tolerance=self.config.solver.eval_tolerance),
+                self.config.train.batch_size,
+                seed=self.config.seed + 11,
+                observer=observer,
+            )
+            for block, values in sorted(samples.items()):
+                rows.extend({"split": split_name, "block": block, "log10_tolerance": v} for v in values)
+                means[f"{split_name}_log10_tol_block_{block}_mean"] = float(np.mean(values))
+        pd.DataFrame(rows).to_csv(self.output_dir / "tolerances.csv", index=False)
+        return means
 
     def _select_value(self, val: dict[str, float]) -> float:
         # Model selection uses the validation split only: the training objective at eval tolerance.
@@ -365,6 +388,7 @@ class Trainer:
             )
             for key in ("bits_per_dim", "error", "nfe_forward", "tolerance_min", "tolerance_max"):
                 metrics[f"test_{key}_at_gate_mean"] = mean_eval[key]
+            metrics.update(self._write_tolerance_samples())
         train_rows = [r for r in self.history if "train_nfe_forward" in r]
         metrics["train_nfe_forward"] = float(np.mean([r["train_nfe_forward"] for r in train_rows]))
         metrics["train_nfe_backward"] = float(np.mean([r["train_nfe_backward"] for r in train_rows]))

@@ -1,0 +1,92 @@
+"""``infocnf ablate``: run an ablation grid file, tracked in MLflow."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+__all__ = ["register"]
+
+log = logging.getLogger(__name__)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "ablate",
+        help="run an ablation grid (conditioning x tolerance x batch x lr x seeds)",
+        description="Validate a grid file, print the plan, then train every cell x seed not yet finished, "
+        "logging each as one MLflow run. Rerunning the same command skips finished runs and resumes "
+        "interrupted ones from their checkpoints.",
+    )
+    parser.add_argument("grid", help="TOML grid file, for example ablations/digits.toml")
+    parser.add_argument(
+        "--tracking-uri",
+        help="MLflow tracking URI (default: sqlite:///mlflow.db in the working directory; a server's "
+        "http://HOST:PORT or a database URI also work)",
+    )
+    parser.add_argument("--experiment", help="MLflow experiment name (default: the grid's [grid] experiment)")
+    parser.add_argument("--runs-dir", default="runs", help="folder for checkpoints and run files (default: runs)")
+    parser.add_argument("--retry-failed", action="store_true", help="rerun cells whose runs failed earlier")
+    parser.add_argument("--dry-run", action="store_true", help="validate and print the plan, run nothing")
+    parser.add_argument("--report", metavar="DIR", help="write the report into DIR when the grid is done")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..grid import load_grid
+
+    grid = load_grid(args.grid)
+    experiment = args.experiment or grid.experiment
+    print(f"grid {grid.name} ({grid.path}): {len(grid.cells)} cells x {len(grid.seeds)} seeds = {grid.num_runs} runs")
+    for factor in grid.factors:
+        print(f"  {factor.name}: {', '.join(level.name for level in factor.levels)}")
+    print(f"  seeds: {', '.join(str(s) for s in grid.seeds)}")
+    print(f"  experiment: {experiment}")
+    if args.dry_run:
+        for cell in grid.cells:
+            print(f"  cell {cell.cell_id}")
+        return 0
+
+    from ..runner import run_grid
+
+    make_callbacks, on_done, bar = None, None, None
+    if not args.no_progress:
+        from tqdm.auto import tqdm
+
+        from ..progress import EpochProgress
+
+        bar = tqdm(total=grid.num_runs, desc="runs", unit="run", position=0, dynamic_ncols=True)
+
+        def make_callbacks(cell, seed):
+            bar.set_postfix_str(f"{cell.cell_id} seed={seed}")
+            return [EpochProgress(position=1, leave=False)]
+
+        def on_done(cell, seed, outcome):
+            bar.update(1)
+
+    try:
+        summary = run_grid(
+            grid,
+            tracking_uri=args.tracking_uri,
+            experiment=experiment,
+            runs_dir=args.runs_dir,
+            retry_failed=args.retry_failed,
+            make_callbacks=make_callbacks,
+            on_run_done=on_done,
+        )
+    finally:
+        if bar is not None:
+            bar.close()
+    print(
+        f"grid {grid.name}: {summary.finished} finished, {summary.failed} failed, {summary.skipped} skipped "
+        f"(already done), {summary.resumed} resumed; MLflow experiment {experiment!r} at {summary.tracking_uri}"
+    )
+    for cell_id, seed, reason in summary.failures:
+        print(f"  FAILED {cell_id} seed={seed}: {reason.splitlines()[0]}")
+    if args.report:
+        from ..report import build_report
+
+        index = build_report(experiment, args.report, tracking_uri=summary.tracking_uri)
+        print(f"report: {index}")
+    return 0

@@ -1,0 +1,30 @@
+"""``infocnf report``: write Table 1, figures and an index page from an MLflow experiment."""
+
+from __future__ import annotations
+
+import argparse
+
+__all__ = ["register"]
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "report",
+        help="write Table 1, figures and an index page from the runs of an MLflow experiment",
+        description="Read the runs of an experiment back from MLflow and write table1.md/.csv/.tex, "
+        "curves.png, learned-tolerance plots, failures.csv and index.md into the output folder.",
+    )
+    parser.add_argument("--experiment", required=True, help="MLflow experiment name, for example infocnf-digits")
+    parser.add_argument("--out", default="reports/latest", help="output folder (default: reports/latest)")
+    parser.add_argument(
+        "--tracking-uri", help="MLflow tracking URI (default: sqlite:///mlflow.db in the working directory)"
+    )
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..report import build_report
+
+    index = build_report(args.experiment, args.out, tracking_uri=args.tracking_uri)
+    print(f"report: {index}")
+    return 0

@@ -1,0 +1,326 @@
+"""Settings of the density validity check: the mixture, the flow, its training and the tolerance sweep."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from ..config import ConditioningConfig, ModelConfig
+
+__all__ = [
+    "MixtureConfig",
+    "DensityTrainConfig",
+    "SweepConfig",
+    "DensityCheckConfig",
+    "validate_tolerances",
+    "load_density_check_config",
+    "save_density_check_config",
+    "apply_density_check_overrides",
+]
+
+# FFJORD evaluates at 1e-5; the sweep brackets it from very loose to near float64 round-off.
+DEFAULT_TOLERANCES = (1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6, 1e-7, 1e-8)
+
+
+def _require(condition: bool, where: str, value: Any, expected: str) -> None:
+    if not condition:
+        raise ValueError(f"invalid {where} = {value!r}: expected {expected}")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def validate_tolerances(tolerances: Any, where: str = "sweep.tolerances") -> tuple[float, ...]:
+    """Check a tolerance list and return it as floats.
+
+    A valid list is non-empty, every value is a finite number in (0, 1), and the values are
+    strictly decreasing (loosest first), which also rules out duplicates. Anything else raises
+    ValueError naming the offending value.
+    """
+    if isinstance(tolerances, (str, bytes)) or not hasattr(tolerances, "__len__"):
+        raise ValueError(f"invalid {where} = {tolerances!r}: expected a list of tolerances such as [1e-1, 1e-2, 1e-3]")
+    values = list(tolerances)
+    if not values:
+        raise ValueError(f"invalid {where} = []: expected at least one tolerance, for example [1e-3, 1e-5, 1e-7]")
+    for i, value in enumerate(values):
+        _require(_is_number(value) and 0 < value < 1, f"{where}[{i}]", value, "a tolerance in (0, 1), for example 1e-5")
+    for i in range(1, len(values)):
+        if values[i] == values[i - 1]:
+            raise ValueError(
+                f"invalid {where}[{i}] = {values[i]!r}: the value {values[i]!r} is listed twice; list each tolerance once"
+            )
+        if values[i] > values[i - 1]:
+            raise ValueError(
+                f"invalid {where}[{i}] = {values[i]!r}: it is looser than the value before it ({values[i - 1]!r}); "
+                "list tolerances from loosest to tightest, for example [1e-1, 1e-2, 1e-3]"
+            )
+    return tuple(float(v) for v in values)
+
+
+@dataclass(frozen=True)
+class MixtureConfig:
+    """Gaussian mixture the flow is trained on; the component index is the label."""
+
+    # One mean per component: numbers for 1-D data, [x, y] pairs for 2-D data.
+    means: tuple[tuple[float, ...], ...] = ((-2.8,), (-0.9,), (2.0,))
+    # Variance of each component along every axis (isotropic components).
+    variance: float = 0.4
+    # Component weights; they are normalised to sum to one, and an empty list means equal weights.
+    weights: tuple[float, ...] = ()
+
+    def __post_init__(self) -> None:
+        _require(isinstance(self.means, (list, tuple)) and len(self.means) > 0, "mixture.means", self.means,
+                 "a non-empty list of component means, for example [-2.8, -0.9, 2.0] or [[0, 1], [1, 0]]")
+        means = []
+        for i, mean in enumerate(self.means):
+            point = (mean,) if _is_number(mean) else mean
+            _require(isinstance(point, (list, tuple)) and len(point) in (1, 2) and all(_is_number(v) for v in point),
+                     f"mixture.means[{i}]", mean, "a finite number (1-D) or a pair of finite numbers (2-D)")
+            means.append(tuple(float(v) for v in point))
+        _require(len({len(m) for m in means}) == 1, "mixture.means", self.means,
+                 "means of one dimension: all numbers (1-D) or all pairs (2-D)")
+        object.__setattr__(self, "means", tuple(means))
+        _require(_is_number(self.variance) and self.variance > 0, "mixture.variance", self.variance, "a variance > 0")
+        object.__setattr__(self, "weights", tuple(self.weights))
+        if self.weights:
+            _require(len(self.weights) == len(means), "mixture.weights", list(self.weights),
+                     f"one weight per component ({len(means)}), or [] for equal weights")
+            for i, weight in enumerate(self.weights):
+                _require(_is_number(weight) and weight > 0, f"mixture.weights[{i}]", weight, "a weight > 0")
+        object.__setattr__(self, "weights", tuple(float(w) for w in self.weights))
+
+    @property
+    def dim(self) -> int:
+        """Number of features of a data point: 1 or 2."""
+        return len(self.means[0])
+
+    @property
+    def num_components(self) -> int:
+        return len(self.means)
+
+    @property
+    def probabilities(self) -> tuple[float, ...]:
+        """Component weights normalised to sum to one."""
+        weights = self.weights or (1.0,) * self.num_components
+        total = sum(weights)
+        return tuple(w / total for w in weights)
+
+
+@dataclass(frozen=True)
+class DensityTrainConfig:
+    """Adam on fresh mixture samples each iteration, with exact-divergence solves."""
+
+    iterations: int = 1000
+    batch_size: int = 256
+    lr: float = 3e-3
+    # atol = rtol of every training solve.
+    tolerance: float = 1e-4
+    # Log the training loss every this many iterations.
+    log_every: int = 100
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        _require(isinstance(self.iterations, int) and self.iterations >= 0, "train.iterations", self.iterations,
+                 "an integer >= 0 (0 leaves the flow at its initialisation)")
+        _require(isinstance(self.batch_size, int) and self.batch_size >= 1, "train.batch_size", self.batch_size,
+                 "an integer >= 1")
+        _require(_is_number(self.lr) and self.lr > 0, "train.lr", self.lr, "a learning rate > 0, for example 3e-3")
+        _require(_is_number(self.tolerance) and 0 < self.tolerance < 1, "train.tolerance", self.tolerance,
+                 "a tolerance in (0, 1), for example 1e-4")
+        _require(isinstance(self.log_every, int) and self.log_every >= 1, "train.log_every", self.log_every,
+                 "an integer >= 1")
+        _require(self.device in ("auto", "cpu") or self.device.startswith("cuda"), "train.device", self.device,
+                 "auto, cpu or cuda[:N]")
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """Tolerances to sweep, the pass threshold, and the integration grid and cross-check."""
+
+    tolerances: tuple[float, ...] = DEFAULT_TOLERANCES
+    # The verdict is the loosest tolerance from which on every tighter one has |integral - 1| below this.
+    threshold: float = 1e-3
+    # The grid covers [low, high] on every axis and must hold the mass of the density.
+    low: float = -15.0
+    high: float = 15.0
+    # Grid points per axis; the cell width is (high - low) / points.
+    points: int = 3000
+    # Cross-check the 1-D Riemann sum with scipy.integrate.quad; ignored for 2-D data.
+    quad: bool = True
+    # Maximum number of subintervals quad may split [low, high] into.
+    quad_limit: int = 100
+    # torchdiffeq adaptive method and its step budget per solve; tight tolerances need many steps.
+    method: str = "dopri5"
+    max_num_steps: int = 100_000
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "tolerances", validate_tolerances(self.tolerances))
+        _require(_is_number(self.threshold) and self.threshold > 0, "sweep.threshold", self.threshold,
+                 "a threshold > 0 on |integral - 1|, for example 1e-3")
+        _require(_is_number(self.low), "sweep.low", self.low, "a finite number")
+        _require(_is_number(self.high) and self.high > self.low, "sweep.high", self.high,
+                 f"a finite number above sweep.low = {self.low}")
+        _require(isinstance(self.points, int) and self.points >= 4, "sweep.points", self.points, "an integer >= 4")
+        _require(isinstance(self.quad_limit, int) and self.quad_limit >= 1, "sweep.quad_limit", self.quad_limit,
+                 "an integer >= 1")
+        adaptive = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
+        _require(self.method in adaptive, "sweep.method", self.method,
+                 f"an adaptive torchdiffeq method, because a fixed grid ignores the tolerance: {', '.join(adaptive)}")
+        _require(isinstance(self.max_num_steps, int) and self.max_num_steps >= 1, "sweep.max_num_steps",
+                 self.max_num_steps, "an integer >= 1")
+
+    @property
+    def cell_width(self) -> float:
+        return (self.high - self.low) / self.points
+
+
+@dataclass(frozen=True)
+class DensityCheckConfig:
+    """Everything the density validity check needs; written beside its results as config.toml."""
+
+    seed: int = 0
+    mixture: MixtureConfig = field(default_factory=MixtureConfig)
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(hidden_dims=(64, 64, 64), num_blocks=1,
+                                                                   activation="tanh"))
+    # "none" trains p(x); "ccnf" and "infocnf" train p(x | component).
+    conditioning: ConditioningConfig = field(default_factory=lambda: ConditioningConfig(method="none"))
+    train: DensityTrainConfig = field(default_factory=DensityTrainConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
+
+    def __post_init__(self) -> None:
+        _require(isinstance(self.seed, int) and not isinstance(self.seed, bool) and self.seed >= 0, "seed", self.seed,
+                 "an integer >= 0")
+        _require(self.model.architecture == "mlp", "model.architecture", self.model.architecture,
+                 "mlp, because the mixture data is flat")
+        for i, mean in enumerate(self.mixture.means):
+            inside = all(self.sweep.low < v < self.sweep.high for v in mean)
+            _require(inside, f"mixture.means[{i}]", list(mean),
+                     f"a mean inside the grid box [sweep.low, sweep.high] = [{self.sweep.low}, {self.sweep.high}]")
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> DensityCheckConfig:
+        """Build a config from nested dictionaries; unknown keys raise ValueError."""
+        return _build(cls, raw, "")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return nested plain dictionaries (tuples as lists) suitable for TOML."""
+        return _to_plain(dataclasses.asdict(self))
+
+    def model_hash(self) -> str:
+        """Short hash of the settings that determine the trained flow (everything but the sweep)."""
+        raw = self.to_dict()
+        raw.pop("sweep")
+        return hashlib.sha256(json.dumps(raw, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _build(cls: type, raw: Any, section: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ValueError(f"invalid [{section or 'top level'}]: expected a table of settings, got {raw!r}")
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(raw) - set(known))
+    if unknown:
+        where = f"{section}.{unknown[0]}" if section else unknown[0]
+        raise ValueError(f"unknown setting {where}: the table accepts {', '.join(sorted(known))}")
+    kwargs = {}
+    for key, value in raw.items():
+        where = f"{section}.{key}" if section else key
+        default = _default(known[key])
+        if dataclasses.is_dataclass(default):
+            # A nested table updates that section's defaults, so a partial table keeps the rest.
+            base = dataclasses.asdict(default)
+            sub = _build(type(default), value, where)
+            base.update({k: getattr(sub, k) for k in value})
+            kwargs[key] = type(default)(**base)
+        else:
+            kwargs[key] = _coerce(default, value, where)
+    return cls(**kwargs)
+
+
+def _default(f: dataclasses.Field) -> Any:
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return f.default
+
+
+def _coerce(default: Any, value: Any, where: str) -> Any:
+    if isinstance(default, bool):
+        _require(isinstance(value, bool), where, value, "true or false")
+        return value
+    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(default, int):
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        _require(isinstance(value, int) and not isinstance(value, bool), where, value, "an integer")
+    if isinstance(default, float):
+        _require(_is_number(value), where, value, "a number")
+    if isinstance(default, str):
+        _require(isinstance(value, str), where, value, "a string")
+    if isinstance(default, tuple):
+        _require(isinstance(value, (list, tuple)), where, value, "a list")
+        return tuple(value)
+    return value
+
+
+def _to_plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _to_plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_to_plain(v) for v in value]
+    return value
+
+
+def load_density_check_config(path: str | Path) -> DensityCheckConfig:
+    """Read a TOML density-check config; a missing file or a bad value raises ValueError naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"config file not found: {path}; pass an existing .toml file such as configs/density-check-1d.toml")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"invalid TOML in {path}: {exc}") from exc
+    try:
+        return DensityCheckConfig.from_dict(raw)
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from exc
+
+
+def save_density_check_config(config: DensityCheckConfig, path: str | Path) -> None:
+    """Write the resolved config as TOML."""
+    Path(path).write_text(tomli_w.dumps(config.to_dict()))
+
+
+def _parse_value(text: str) -> Any:
+    # Values use TOML syntax: 1e-3, true, "cpu", [1e-2, 1e-4].
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text  # A bare word such as ccnf is taken as a string.
+
+
+def apply_density_check_overrides(config: DensityCheckConfig, overrides: list[str]) -> DensityCheckConfig:
+    """Return a copy of ``config`` with ``section.key=value`` overrides applied (values in TOML syntax)."""
+    raw = config.to_dict()
+    for text in overrides:
+        if "=" not in text:
+            raise ValueError(f"invalid override {text!r}: expected section.key=value, for example sweep.threshold=1e-4")
+        key, value = (part.strip() for part in text.split("=", 1))
+        parts = key.split(".")
+        node = raw
+        for part in parts[:-1]:
+            if not isinstance(node.get(part), dict):
+                raise ValueError(f"unknown setting {key!r}: {part!r} is not a section; sections are {', '.join(sorted(raw))}")
+            node = node[part]
+        if parts[-1] not in node:
+            raise ValueError(f"unknown setting {key!r}: known keys here are {', '.join(sorted(node))}")
+        node[parts[-1]] = _parse_value(value)
+    return DensityCheckConfig.from_dict(raw)

@@ -1,0 +1,371 @@
+"""Frozen, validating configuration of a LatentODE run on spirals: data, model, latent prior, solver, training."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+__all__ = [
+    "SpiralConfig",
+    "LatentModelConfig",
+    "LatentPriorConfig",
+    "LatentSolverConfig",
+    "LatentTrainConfig",
+    "LatentODEConfig",
+    "LATENT_PRIORS",
+    "load_latent_ode_config",
+    "save_latent_ode_config",
+    "apply_latent_ode_overrides",
+]
+
+# "none": z0 ~ N(0, I). "partitioned": z0 = [z_y, z_u] with a direction-conditional prior on z_y.
+LATENT_PRIORS = ("none", "partitioned")
+_ADAPTIVE_METHODS = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
+_ACTIVATIONS = ("softplus", "tanh", "elu")
+
+
+def _require(condition: bool, section: str, name: str, value: Any, allowed: str) -> None:
+    if not condition:
+        raise ValueError(f"invalid {section}.{name} = {value!r}: expected {allowed}")
+
+
+def _require_tolerance(section: str, name: str, value: float) -> None:
+    ok = isinstance(value, (int, float)) and math.isfinite(value) and 0 < value < 1
+    _require(ok, section, name, value, "a tolerance in (0, 1), for example 1e-5")
+
+
+def _require_widths(section: str, name: str, value: tuple[int, ...]) -> None:
+    ok = len(value) >= 1 and all(isinstance(d, int) and d > 0 for d in value)
+    _require(ok, section, name, list(value), "a non-empty list of positive integers")
+
+
+@dataclass(frozen=True)
+class SpiralConfig:
+    """Spiral data set: sizes, time grid, observed window, radius ranges and noise.
+
+    Each spiral is r(t) (cos theta(t), sin theta(t)) with r(t) = r0 + growth * t and
+    theta(t) = phase + direction * t, so the angular speed is 1 rad per time unit.
+    """
+
+    num_train: int = 400
+    num_val: int = 100
+    num_test: int = 200
+    # Points of the full noise-free trajectory, equally spaced on [0, t1].
+    grid_points: int = 1000
+    # End of the grid in time units; 6 pi is three turns.
+    t1: float = 6 * math.pi
+    # Consecutive grid points observed (with noise) per spiral.
+    window_points: int = 200
+    # Grid points scored after the window (forward) and before it (backward).
+    extrapolate_points: int = 100
+    # Ranges of r0 (radius at t = 0) and growth (radius units per time unit), drawn uniformly per spiral.
+    radius_min: float = 0.5
+    radius_max: float = 1.5
+    growth_min: float = 0.2
+    growth_max: float = 0.4
+    # Standard deviation of the Gaussian noise added to the observed points.
+    noise_std: float = 0.3
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        s = "data"
+        _require(self.num_train >= 2, s, "num_train", self.num_train, "an integer >= 2 (one spiral per direction)")
+        _require(self.num_val >= 2, s, "num_val", self.num_val, "an integer >= 2 (one spiral per direction)")
+        _require(self.num_test >= 2, s, "num_test", self.num_test, "an integer >= 2 (one spiral per direction)")
+        _require(self.window_points >= 2, s, "window_points", self.window_points, "an integer >= 2")
+        _require(self.extrapolate_points >= 1, s, "extrapolate_points", self.extrapolate_points, "an integer >= 1")
+        needed = self.window_points + 2 * self.extrapolate_points
+        _require(
+            self.grid_points >= needed,
+            s,
+            "grid_points",
+            self.grid_points,
+            f"at least window_points + 2 * extrapolate_points = {needed}",
+        )
+        _require(math.isfinite(self.t1) and self.t1 > 0, s, "t1", self.t1, "an end time > 0")
+        _require(self.radius_min >= 0, s, "radius_min", self.radius_min, "a radius >= 0")
+        _require(self.radius_max >= self.radius_min, s, "radius_max", self.radius_max, f">= radius_min = {self.radius_min}")
+        _require(self.growth_min >= 0, s, "growth_min", self.growth_min, "a growth rate >= 0")
+        _require(self.growth_max >= self.growth_min, s, "growth_max", self.growth_max, f">= growth_min = {self.growth_min}")
+        _require(self.noise_std >= 0, s, "noise_std", self.noise_std, "a standard deviation >= 0")
+        _require(self.seed >= 0, s, "seed", self.seed, "an integer >= 0")
+
+    @property
+    def dt(self) -> float:
+        """Time between neighbouring grid points."""
+        return self.t1 / (self.grid_points - 1)
+
+
+@dataclass(frozen=True)
+class LatentModelConfig:
+    """LatentODE sizes: recognition GRU, latent ODE network, decoder and observation noise."""
+
+    latent_dim: int = 6
+    # Hidden size of the GRU that reads the window backwards in time.
+    encoder_hidden: int = 32
+    ode_hidden_dims: tuple[int, ...] = (32, 32)
+    decoder_hidden_dims: tuple[int, ...] = (32,)
+    activation: str = "elu"
+    # Standard deviation of the Gaussian observation model p(x | z); the data noise is 0.3.
+    observation_std: float = 0.3
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "ode_hidden_dims", tuple(self.ode_hidden_dims))
+        object.__setattr__(self, "decoder_hidden_dims", tuple(self.decoder_hidden_dims))
+        s = "model"
+        _require(self.latent_dim >= 2, s, "latent_dim", self.latent_dim, "an integer >= 2 (room for z_y and z_u)")
+        _require(self.encoder_hidden >= 1, s, "encoder_hidden", self.encoder_hidden, "an integer >= 1")
+        _require_widths(s, "ode_hidden_dims", self.ode_hidden_dims)
+        _require_widths(s, "decoder_hidden_dims", self.decoder_hidden_dims)
+        _require(self.activation in _ACTIVATIONS, s, "activation", self.activation, "softplus, tanh or elu")
+        ok = math.isfinite(self.observation_std) and self.observation_std > 0
+        _require(ok, s, "observation_std", self.observation_std, "a standard deviation > 0")
+
+
+@dataclass(frozen=True)
+class LatentPriorConfig:
+    """Prior over z0: N(0, I) for "none"; a direction-conditional z_y plus N(0, I) z_u for "partitioned"."""
+
+    method: str = "partitioned"
+    # Share of latent_dim that forms z_y (rounded, at least 1, at most latent_dim - 1).
+    supervised_ratio: float = 0.5
+    # Weight beta of the cross-entropy in loss = -ELBO per observed value + beta * CE.
+    ce_weight: float = 0.5
+    classifier_dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        s = "prior"
+        _require(self.method in LATENT_PRIORS, s, "method", self.method, "none or partitioned")
+        _require(0 < self.supervised_ratio < 1, s, "supervised_ratio", self.supervised_ratio, "a fraction in (0, 1)")
+        _require(self.ce_weight >= 0, s, "ce_weight", self.ce_weight, "a weight >= 0")
+        _require(
+            0 <= self.classifier_dropout < 1, s, "classifier_dropout", self.classifier_dropout, "a probability in [0, 1)"
+        )
+
+
+@dataclass(frozen=True)
+class LatentSolverConfig:
+    """torchdiffeq method and explicit tolerances for training and for evaluation solves."""
+
+    method: str = "dopri5"
+    rtol: float = 1e-4
+    atol: float = 1e-5
+    eval_rtol: float = 1e-5
+    eval_atol: float = 1e-6
+    # Attempted steps allowed per solve before it fails with status "step_budget_exceeded".
+    max_num_steps: int = 2000
+
+    def __post_init__(self) -> None:
+        s = "solver"
+        methods = ", ".join(_ADAPTIVE_METHODS)
+        _require(self.method in _ADAPTIVE_METHODS, s, "method", self.method, f"an adaptive torchdiffeq method: {methods}")
+        for name in ("rtol", "atol", "eval_rtol", "eval_atol"):
+            _require_tolerance(s, name, getattr(self, name))
+        _require(self.max_num_steps >= 1, s, "max_num_steps", self.max_num_steps, "an integer >= 1")
+
+
+@dataclass(frozen=True)
+class LatentTrainConfig:
+    """Optimisation with Adam, evaluation cadence and outputs."""
+
+    epochs: int = 30
+    batch_size: int = 50
+    eval_batch_size: int = 200
+    lr: float = 1e-2
+    # Multiply the learning rate by lr_decay_factor at the start of each listed epoch (1-based).
+    lr_decay_epochs: tuple[int, ...] = ()
+    lr_decay_factor: float = 0.1
+    # Clip the global gradient norm; 0 disables clipping.
+    grad_clip: float = 10.0
+    # Evaluate on the validation split every this many epochs (and after the last one).
+    eval_every: int = 1
+    # Stop a run whose training loss is not finite or exceeds this value.
+    divergence_threshold: float = 1e6
+    # Test spirals whose trajectories are saved to trajectories.npz for the figure.
+    trajectory_spirals: int = 6
+    device: str = "cpu"
+    # torch CPU threads during the run; 0 keeps torch's setting. This model's tensors are small, so
+    # one thread is fastest, and on a loaded 2-core machine two threads ran the GRU about 100x slower.
+    num_threads: int = 1
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "lr_decay_epochs", tuple(int(e) for e in self.lr_decay_epochs))
+        s = "train"
+        _require(self.epochs >= 1, s, "epochs", self.epochs, "an integer >= 1")
+        _require(self.batch_size >= 1, s, "batch_size", self.batch_size, "an integer >= 1")
+        _require(self.eval_batch_size >= 1, s, "eval_batch_size", self.eval_batch_size, "an integer >= 1")
+        ok = math.isfinite(self.lr) and self.lr > 0
+        _require(ok, s, "lr", self.lr, "a learning rate > 0, for example 1e-3")
+        decays = list(self.lr_decay_epochs)
+        ok = decays == sorted(set(decays)) and all(e >= 1 for e in decays)
+        _require(ok, s, "lr_decay_epochs", decays, "strictly increasing epochs >= 1")
+        _require(0 < self.lr_decay_factor <= 1, s, "lr_decay_factor", self.lr_decay_factor, "a factor in (0, 1]")
+        _require(self.grad_clip >= 0, s, "grad_clip", self.grad_clip, "a norm >= 0 (0 disables clipping)")
+        _require(self.eval_every >= 1, s, "eval_every", self.eval_every, "an integer >= 1")
+        _require(self.divergence_threshold > 0, s, "divergence_threshold", self.divergence_threshold, "a value > 0")
+        _require(self.trajectory_spirals >= 0, s, "trajectory_spirals", self.trajectory_spirals, "an integer >= 0")
+        _require(self.num_threads >= 0, s, "num_threads", self.num_threads, "an integer >= 0 (0 keeps torch's setting)")
+        ok = self.device in ("auto", "cpu") or self.device.startswith("cuda")
+        _require(ok, s, "device", self.device, "auto, cpu or cuda[:N]")
+
+
+@dataclass(frozen=True)
+class LatentODEConfig:
+    """Everything one LatentODE run needs; written beside its results as config.toml."""
+
+    seed: int = 0
+    data: SpiralConfig = field(default_factory=SpiralConfig)
+    model: LatentModelConfig = field(default_factory=LatentModelConfig)
+    prior: LatentPriorConfig = field(default_factory=LatentPriorConfig)
+    solver: LatentSolverConfig = field(default_factory=LatentSolverConfig)
+    train: LatentTrainConfig = field(default_factory=LatentTrainConfig)
+
+    def __post_init__(self) -> None:
+        _require(isinstance(self.seed, int) and self.seed >= 0, "run", "seed", self.seed, "an integer >= 0")
+        if self.train.trajectory_spirals > self.data.num_test:
+            raise ValueError(
+                f"invalid train.trajectory_spirals = {self.train.trajectory_spirals}: expected at most "
+                f"data.num_test = {self.data.num_test}; lower it or raise data.num_test"
+            )
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> LatentODEConfig:
+        """Build a config from nested dictionaries, rejecting unknown keys."""
+        return _build(cls, raw, "run")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return nested plain dictionaries (tuples as lists) suitable for TOML."""
+        return _to_plain(dataclasses.asdict(self))
+
+    def flat(self) -> dict[str, Any]:
+        """Return the config as dotted keys, for example ``solver.rtol``."""
+        out: dict[str, Any] = {}
+        for section, values in self.to_dict().items():
+            if isinstance(values, dict):
+                out.update({f"{section}.{key}": value for key, value in values.items()})
+            else:
+                out[section] = values
+        return out
+
+    def hash(self) -> str:
+        """Return a short stable hash of the resolved config."""
+        text = json.dumps(self.to_dict(), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _build(cls: type, raw: Any, section: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ValueError(f"invalid [{section}]: expected a table of settings, got {raw!r}")
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(raw) - set(known))
+    if unknown:
+        raise ValueError(f"unknown setting {section}.{unknown[0]}: the [{section}] table accepts {', '.join(sorted(known))}")
+    kwargs = {}
+    for key, value in raw.items():
+        f = known[key]
+        nested = f.default_factory if f.default_factory is not dataclasses.MISSING else None
+        if nested is not None and dataclasses.is_dataclass(nested):
+            kwargs[key] = _build(nested, value, key)
+        else:
+            kwargs[key] = _coerce(f, value, key if section == "run" else f"{section}.{key}")
+    return cls(**kwargs)
+
+
+def _coerce(f: dataclasses.Field, value: Any, where: str) -> Any:
+    # TOML gives int for 1 and float for 1.0; accept either where the other is meant, nothing looser.
+    default = f.default
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ValueError(f"invalid {where} = {value!r}: expected true or false")
+        return value
+    if isinstance(value, bool):
+        raise ValueError(f"invalid {where} = {value!r}: expected a {type(default).__name__}, not true or false")
+    if isinstance(default, float):
+        if not isinstance(value, (int, float)):
+            raise ValueError(f"invalid {where} = {value!r}: expected a number")
+        return float(value)
+    if isinstance(default, int):
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if not isinstance(value, int):
+            raise ValueError(f"invalid {where} = {value!r}: expected an integer")
+    if isinstance(default, str) and not isinstance(value, str):
+        raise ValueError(f"invalid {where} = {value!r}: expected a string")
+    if f.default_factory is tuple or isinstance(default, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"invalid {where} = {value!r}: expected a list")
+        return tuple(value)
+    return value
+
+
+def _to_plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _to_plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_to_plain(v) for v in value]
+    return value
+
+
+def load_latent_ode_config(path: str | Path) -> LatentODEConfig:
+    """Read a TOML LatentODE config; a missing file or a bad value raises ValueError naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"config file not found: {path}; pass an existing .toml file such as configs/latent-ode-quick.toml")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"invalid TOML in {path}: {exc}") from exc
+    try:
+        return LatentODEConfig.from_dict(raw)
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from exc
+
+
+def save_latent_ode_config(config: LatentODEConfig, path: str | Path) -> None:
+    """Write the resolved config as TOML."""
+    Path(path).write_text(tomli_w.dumps(config.to_dict()))
+
+
+def _parse_value(text: str) -> Any:
+    # TOML syntax for the value: 1e-3, true, "cpu", [32, 32].
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text  # A bare word such as partitioned is taken as a string.
+
+
+def apply_latent_ode_overrides(config: LatentODEConfig, overrides: list[str] | dict[str, Any]) -> LatentODEConfig:
+    """Return a copy of config with dotted-key overrides such as ``"prior.method=none"`` applied.
+
+    ``overrides`` is a list of ``"section.key=value"`` strings (values in TOML syntax) or a
+    mapping of dotted keys to values.
+    """
+    if isinstance(overrides, dict):
+        items = list(overrides.items())
+    else:
+        items = []
+        for text in overrides:
+            if "=" not in text:
+                raise ValueError(f"invalid override {text!r}: expected section.key=value, for example prior.method=none")
+            key, value = text.split("=", 1)
+            items.append((key.strip(), _parse_value(value.strip())))
+    raw = config.to_dict()
+    for key, value in items:
+        parts = key.split(".")
+        node = raw
+        for part in parts[:-1]:
+            if not isinstance(node.get(part), dict):
+                raise ValueError(f"unknown setting {key!r}: {part!r} is not a section; sections are {', '.join(sorted(k for k, v in raw.items() if isinstance(v, dict)))}")
+            node = node[part]
+        if parts[-1] not in node:
+            raise ValueError(f"unknown setting {key!r}: known keys here are {', '.join(sorted(node))}")
+        node[parts[-1]] = value
+    return LatentODEConfig.from_dict(raw)

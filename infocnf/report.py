@@ -1,0 +1,202 @@
+"""Reports from MLflow: Table 1 (mean +- std over seeds, change vs CCNF/fixed), failures and an index."""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .tracking import TAG_PREFIX, open_tracking
+
+__all__ = ["load_runs", "aggregate_table", "format_table", "build_report", "TABLE_METRICS"]
+
+log = logging.getLogger(__name__)
+
+# Table columns: (name in the table, MLflow metric, scale). Test error is shown in percent.
+TABLE_METRICS = (
+    ("test error %", "final_test_error", 100.0),
+    ("test bits/dim", "final_test_bits_per_dim", 1.0),
+    ("test bits/dim marginal", "final_test_bits_per_dim_marginal", 1.0),
+    ("train NFE forward", "final_train_nfe_forward", 1.0),
+    ("train NFE backward", "final_train_nfe_backward", 1.0),
+)
+_CONDITIONING_ORDER = {"none": 0, "ccnf": 1, "infocnf": 2}
+_TOLERANCE_ORDER = {"fixed": 0, "manual": 1, "learned": 2}
+
+
+def load_runs(experiment: str, tracking_uri: str | None = None) -> pd.DataFrame:
+    """Read every run of an experiment into a DataFrame: one row per run, with params, metrics and tags.
+
+    Columns: run_id, cell_id, seed, status (the harness outcome), batch_size, conditioning,
+    tolerance, lr, and every final_* metric under its MLflow name.
+    """
+    client, _, experiment_id = open_tracking(tracking_uri, experiment)
+    rows = []
+    page_token = None
+    while True:
+        page = client.search_runs([experiment_id], max_results=1000, page_token=page_token)
+        for run in page:
+            tags, params, metrics = run.data.tags, run.data.params, run.data.metrics
+            row = {
+                "run_id": run.info.run_id,
+                "cell_id": tags.get(TAG_PREFIX + "cell_id", run.info.run_name),
+                "seed": int(tags.get(TAG_PREFIX + "seed", params.get("seed", "0"))),
+                "status": tags.get(TAG_PREFIX + "status", "unknown"),
+                "reason": tags.get(TAG_PREFIX + "reason", ""),
+                "kind": tags.get(TAG_PREFIX + "kind", "cnf"),
+                "batch_size": int(float(params.get("train.batch_size", "nan"))) if "train.batch_size" in params else -1,
+                "conditioning": params.get("conditioning.method", ""),
+                "tolerance": params.get("solver.tolerance.strategy", ""),
+                "lr": float(params["train.lr"]) if "train.lr" in params else math.nan,
+            }
+            row.update({k: v for k, v in metrics.items() if k.startswith("final_")})
+            rows.append(row)
+        page_token = page.token
+        if not page_token:
+            break
+    return pd.DataFrame(rows)
+
+
+def _mean_std(values: pd.Series) -> tuple[float, float]:
+    values = values.dropna()
+    if values.empty:
+        return math.nan, math.nan
+    # Sample standard deviation over seeds (ddof = 1); NaN for a single seed.
+    return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else math.nan
+
+
+def aggregate_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """Aggregate finished runs per cell: mean and std over seeds, seed count, failed-run count.
+
+    Change columns compare each row with the CCNF/fixed row of the same batch size: test error as
+    a difference in percentage points (negative is better), bits/dim and NFE as relative change in
+    percent (negative is fewer). Rows without such a baseline get NaN.
+    """
+    runs = runs[runs["kind"] == "cnf"] if "kind" in runs else runs
+    rows = []
+    for cell_id, group in runs.groupby("cell_id", sort=False):
+        done = group[group["status"] == "finished"]
+        first = group.iloc[0]
+        row = {
+            "cell": cell_id,
+            "batch size": int(first["batch_size"]),
+            "conditioning": first["conditioning"],
+            "tolerance": first["tolerance"],
+            "lr": float(first["lr"]),
+            "seeds": int(len(done)),
+            "failed": int((group["status"] != "finished").sum()),
+        }
+        for name, metric, scale in TABLE_METRICS:
+            series = done[metric] * scale if metric in done else pd.Series(dtype=float)
+            row[f"{name} mean"], row[f"{name} std"] = _mean_std(series)
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    if table.empty:
+        return table
+    table["_c"] = table["conditioning"].map(_CONDITIONING_ORDER).fillna(9)
+    table["_t"] = table["tolerance"].map(_TOLERANCE_ORDER).fillna(9)
+    table = table.sort_values(["batch size", "_c", "_t", "lr", "cell"]).drop(columns=["_c", "_t"]).reset_index(drop=True)
+    table["Δ error (points)"] = math.nan
+    table["Δ bits/dim %"] = math.nan
+    table["Δ NFE forward %"] = math.nan
+    for batch, group in table.groupby("batch size"):
+        base = group[(group["conditioning"] == "ccnf") & (group["tolerance"] == "fixed")]
+        if base.empty:
+            continue
+        b = base.iloc[0]
+        index = group.index
+        table.loc[index, "Δ error (points)"] = table.loc[index, "test error % mean"] - b["test error % mean"]
+        table.loc[index, "Δ bits/dim %"] = 100 * (table.loc[index, "test bits/dim mean"] / b["test bits/dim mean"] - 1)
+        table.loc[index, "Δ NFE forward %"] = 100 * (
+            table.loc[index, "train NFE forward mean"] / b["train NFE forward mean"] - 1
+        )
+    return table
+
+
+def _pm(mean: float, std: float, digits: int) -> str:
+    if not np.isfinite(mean):
+        return "–"
+    if not np.isfinite(std):
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def _signed(value: float, digits: int) -> str:
+    return "–" if not np.isfinite(value) else f"{value:+.{digits}f}"
+
+
+def format_table(table: pd.DataFrame) -> pd.DataFrame:
+    """Human-readable Table 1: "mean ± std" strings, signed changes, dashes for missing values."""
+    out = pd.DataFrame(
+        {
+            "batch": table["batch size"],
+            "conditioning": table["conditioning"],
+            "tolerance": table["tolerance"],
+            "lr": table["lr"].map(lambda v: f"{v:g}"),
+            "test error %": [_pm(m, s, 2) for m, s in zip(table["test error % mean"], table["test error % std"])],
+            "test bits/dim": [_pm(m, s, 3) for m, s in zip(table["test bits/dim mean"], table["test bits/dim std"])],
+            "NFE fwd": [_pm(m, s, 1) for m, s in zip(table["train NFE forward mean"], table["train NFE forward std"])],
+            "NFE bwd": [_pm(m, s, 1) for m, s in zip(table["train NFE backward mean"], table["train NFE backward std"])],
+            "seeds": table["seeds"],
+            "failed": table["failed"],
+            "Δ error (points)": table["Δ error (points)"].map(lambda v: _signed(v, 2)),
+            "Δ bits/dim %": table["Δ bits/dim %"].map(lambda v: _signed(v, 2)),
+            "Δ NFE fwd %": table["Δ NFE forward %"].map(lambda v: _signed(v, 1)),
+        }
+    )
+    return out
+
+
+_SIGN_NOTE = (
+    "Mean ± sample standard deviation over seeds (finished runs only). Test error and bits/dim are "
+    "of the model selected on the validation split, evaluated at the fixed evaluation tolerance. "
+    "NFE is the mean number of vector-field evaluations per training iteration, summed over CNF "
+    "blocks (forward solve; backward pass separately). Δ columns compare with the CCNF / fixed row "
+    "of the same batch size: test error as a difference in percentage points, bits/dim and NFE as "
+    "relative change in percent; negative means lower (better)."
+)
+
+
+def build_report(experiment: str, out_dir: str | Path, tracking_uri: str | None = None) -> Path:
+    """Write Table 1 (Markdown, CSV, LaTeX), failures, figures and index.md; returns the index path."""
+    from .report_figures import plot_curves, plot_tolerance_distributions
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    runs = load_runs(experiment, tracking_uri)
+    if runs.empty:
+        raise ValueError(f"experiment {experiment!r} has no runs; run `infocnf ablate GRID` first or check --experiment")
+    cnf_runs = runs[runs["kind"] == "cnf"]
+    table = aggregate_table(cnf_runs) if not cnf_runs.empty else pd.DataFrame()
+    sections = [f"# Report: {experiment}", ""]
+    sections.append(f"{len(runs)} runs: {int((runs['status'] == 'finished').sum())} finished, "
+                    f"{int((runs['status'] != 'finished').sum())} not finished.")
+    sections.append("")
+    if not table.empty:
+        pretty = format_table(table)
+        table.to_csv(out / "table1.csv", index=False)
+        (out / "table1.md").write_text(pretty.to_markdown(index=False, disable_numparse=True) + "\n\n" + _SIGN_NOTE + "\n")
+        (out / "table1.tex").write_text(pretty.to_latex(index=False, escape=True))
+        sections += ["## Table 1", "", pretty.to_markdown(index=False, disable_numparse=True), "", _SIGN_NOTE, "",
+                     "Files: [table1.md](table1.md), [table1.csv](table1.csv) (raw means and stds), "
+                     "[table1.tex](table1.tex).", ""]
+        figures = plot_curves(experiment, cnf_runs, out, tracking_uri)
+        figures += plot_tolerance_distributions(experiment, cnf_runs, out, tracking_uri)
+        if figures:
+            sections += ["## Figures", ""]
+            for title, path in figures:
+                sections += [f"### {title}", "", f"![{title}]({path.name})", ""]
+    failures = runs[runs["status"] != "finished"][["cell_id", "seed", "status", "reason", "run_id"]]
+    counts = runs.assign(failed=runs["status"] != "finished").groupby("cell_id")["failed"].sum().astype(int)
+    counts.to_frame("failed runs").to_csv(out / "failures.csv")
+    sections += ["## Failed or unfinished runs per cell", "", counts.to_frame("failed runs").to_markdown(), ""]
+    if not failures.empty:
+        failures = failures.assign(reason=failures["reason"].map(lambda r: (r.splitlines() or [""])[0][:200]))
+        sections += [failures.to_markdown(index=False), ""]
+    index = out / "index.md"
+    index.write_text("\n".join(sections))
+    log.info("wrote report of %s to %s", experiment, index)
+    return index

@@ -1,0 +1,118 @@
+"""Report figures: per-cell training curves over epochs and learned tolerance distributions."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from .tracking import open_tracking  # noqa: E402
+
+__all__ = ["plot_curves", "plot_tolerance_distributions", "CURVE_METRICS"]
+
+log = logging.getLogger(__name__)
+
+# (per-epoch MLflow metric, axis label, scale)
+CURVE_METRICS = (
+    ("test_error", "test error %", 100.0),
+    ("test_bits_per_dim", "test bits/dim", 1.0),
+    ("train_nfe_forward", "train NFE forward per iteration", 1.0),
+)
+
+
+def _history(client, run_id: str, key: str) -> pd.Series:
+    points = client.get_metric_history(run_id, key)
+    if not points:
+        return pd.Series(dtype=float)
+    frame = pd.DataFrame([(p.step, p.timestamp, p.value) for p in points], columns=["step", "ts", "value"])
+    # A resumed run may log an epoch twice; keep the latest value of each step.
+    frame = frame.sort_values(["step", "ts"]).drop_duplicates("step", keep="last")
+    return frame.set_index("step")["value"]
+
+
+def plot_curves(experiment: str, runs: pd.DataFrame, out: Path, tracking_uri: str | None) -> list[tuple[str, Path]]:
+    """One panel per metric, one line per cell: mean over finished seeds with a +-1 std band."""
+    client, _, _ = open_tracking(tracking_uri, experiment)
+    done = runs[runs["status"] == "finished"]
+    if done.empty:
+        return []
+    fig, axes = plt.subplots(1, len(CURVE_METRICS), figsize=(6 * len(CURVE_METRICS), 4.5))
+    for ax, (key, label, scale) in zip(axes, CURVE_METRICS):
+        for cell_id, group in done.groupby("cell_id", sort=False):
+            series = [_history(client, run_id, key) * scale for run_id in group["run_id"]]
+            series = [s for s in series if not s.empty]
+            if not series:
+                continue
+            frame = pd.concat(series, axis=1)
+            mean, std = frame.mean(axis=1), frame.std(axis=1, ddof=1).fillna(0.0)
+            (line,) = ax.plot(mean.index, mean.values, label=f"{cell_id} (n={frame.shape[1]})")
+            ax.fill_between(mean.index, (mean - std).values, (mean + std).values, color=line.get_color(), alpha=0.2)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"{experiment}: mean over seeds, band = ±1 std")
+    fig.tight_layout()
+    path = out / "curves.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [("Training curves per cell", path)]
+
+
+def plot_tolerance_distributions(
+    experiment: str, runs: pd.DataFrame, out: Path, tracking_uri: str | None
+) -> list[tuple[str, Path]]:
+    """Per block, the learned log10 tolerance sampled by the gates on train and test data."""
+    client, _, _ = open_tracking(tracking_uri, experiment)
+    learned = runs[(runs["status"] == "finished") & (runs["tolerance"] == "learned")]
+    figures = []
+    for cell_id, group in learned.groupby("cell_id", sort=False):
+        frames = []
+        for run_id in group["run_id"]:
+            with tempfile.TemporaryDirectory() as tmp:
+                try:
+                    local = client.download_artifacts(run_id, "tolerances.csv", tmp)
+                except Exception as exc:  # A run without the artifact is skipped with a log line.
+                    log.warning("run %s has no tolerances.csv (%s); left out of the distribution plot", run_id, exc)
+                    continue
+                frames.append(pd.read_csv(local))
+        if not frames:
+            continue
+        data = pd.concat(frames)
+        blocks = sorted(data["block"].unique())
+        fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(blocks) + 2), 4))
+        positions, values, colors = [], [], []
+        for i, block in enumerate(blocks):
+            for j, (split, color) in enumerate((("train", "tab:blue"), ("test", "tab:orange"))):
+                v = data[(data["block"] == block) & (data["split"] == split)]["log10_tolerance"].to_numpy()
+                if v.size:
+                    positions.append(i * 3 + j)
+                    values.append(v)
+                    colors.append(color)
+        parts = ax.violinplot(values, positions=positions, showmedians=True)
+        for body, color in zip(parts["bodies"], colors):
+            body.set_facecolor(color)
+        ax.set_xticks([i * 3 + 0.5 for i in range(len(blocks))], [f"block {b}" for b in blocks])
+        ax.set_ylabel("log10 tolerance sampled by the gate")
+        ax.plot([], [], color="tab:blue", label="train")
+        ax.plot([], [], color="tab:orange", label="test")
+        ax.legend()
+        ax.set_title(f"{cell_id}: learned tolerances ({len(frames)} seeds)", fontsize=9)
+        fig.tight_layout()
+        path = out / f"tolerances_{_safe(cell_id)}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        figures.append((f"Learned tolerance distribution: {cell_id}", path))
+    return figures
+
+
+def _safe(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)
+
+

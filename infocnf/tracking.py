@@ -1,0 +1,133 @@
+"""MLflow tracking: open a store with a clear error, and log a run's events as a trainer callback."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+# MLflow 3 sends telemetry on import unless both are set.
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("DO_NOT_TRACK", "true")
+
+import mlflow  # noqa: E402
+from mlflow.entities import Metric, Param, RunTag  # noqa: E402
+from mlflow.tracking import MlflowClient  # noqa: E402
+
+__all__ = ["default_tracking_uri", "open_tracking", "MlflowCallback", "TAG_PREFIX", "log_params"]
+
+log = logging.getLogger(__name__)
+
+# Tags this harness sets on every run, for example infocnf.cell_id and infocnf.status.
+TAG_PREFIX = "infocnf."
+_BATCH_PARAMS = 100  # MLflow's limit of params per log_batch call.
+_BATCH_METRICS = 1000  # MLflow's limit of metrics per log_batch call.
+
+
+def default_tracking_uri() -> str:
+    """A SQLite store ``mlflow.db`` in the working directory, as MLflow itself defaults to."""
+    return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def open_tracking(uri: str | None, experiment: str) -> tuple[MlflowClient, str, str]:
+    """Open the tracking store and get or create the experiment; returns (client, uri, experiment id).
+
+    Raises ValueError naming the URI when the store cannot be opened.
+    """
+    uri = uri or default_tracking_uri()
+    if uri.startswith("sqlite:///"):
+        folder = Path(uri[len("sqlite:///") :]).parent
+        if not folder.is_dir():
+            raise ValueError(
+                f"cannot open MLflow tracking store {uri}: folder {folder} does not exist; create it or pass "
+                f"another --tracking-uri"
+            )
+    if uri.startswith(("http://", "https://")):
+        _check_server(uri)
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient(uri)
+    try:
+        found = client.get_experiment_by_name(experiment)
+        experiment_id = found.experiment_id if found is not None else client.create_experiment(experiment)
+        if found is not None and found.lifecycle_stage == "deleted":
+            client.restore_experiment(experiment_id)
+    except Exception as exc:  # MLflow raises many types here: SQLAlchemy, REST, file errors.
+        raise ValueError(
+            f"cannot open MLflow tracking store {uri}: {type(exc).__name__}: {exc}; check --tracking-uri "
+            f"(a sqlite:///PATH file, a database URI or a running server's http://HOST:PORT)"
+        ) from exc
+    return client, uri, experiment_id
+
+
+def _check_server(uri: str) -> None:
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=10).read()
+    except (urllib.error.URLError, OSError) as exc:
+        raise ValueError(
+            f"cannot open MLflow tracking store {uri}: no server answered ({exc}); start one with "
+            f"`mlflow server --host 127.0.0.1 --port PORT` or pass another --tracking-uri"
+        ) from exc
+
+
+def _param_value(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_param_value(v) for v in value) + "]"
+    return str(value)
+
+
+def log_params(client: MlflowClient, run_id: str, params: dict[str, Any]) -> None:
+    """Log params not yet on the run (MLflow rejects changing a logged param)."""
+    existing = client.get_run(run_id).data.params
+    items = [Param(k, _param_value(v)) for k, v in params.items() if k not in existing]
+    for start in range(0, len(items), _BATCH_PARAMS):
+        client.log_batch(run_id, params=items[start : start + _BATCH_PARAMS])
+
+
+def _log_metrics(client: MlflowClient, run_id: str, values: dict[str, Any], step: int) -> None:
+    now = int(time.time() * 1000)
+    items = [
+        Metric(k, float(v), now, step)
+        for k, v in values.items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))
+    ]
+    for start in range(0, len(items), _BATCH_METRICS):
+        client.log_batch(run_id, metrics=items[start : start + _BATCH_METRICS])
+
+
+class MlflowCallback:
+    """Trainer callback that logs config params, per-epoch metrics, final metrics and artifacts.
+
+    Final metrics of the selected model are logged with the prefix ``final_`` so they never mix
+    with the per-epoch curves of the same name. The run ends FINISHED, or FAILED with the failure
+    status and reason as tags.
+    """
+
+    def __init__(self, client: MlflowClient, run_id: str):
+        self.client = client
+        self.run_id = run_id
+
+    def on_start(self, trainer) -> None:
+        log_params(self.client, self.run_id, trainer.config.flat())
+        self.client.set_tag(self.run_id, TAG_PREFIX + "status", "running")
+
+    def on_epoch_end(self, trainer, row: dict[str, float]) -> None:
+        _log_metrics(self.client, self.run_id, row, step=int(row["epoch"]))
+
+    def on_end(self, trainer, result) -> None:
+        final = {f"final_{k}": v for k, v in result.metrics.items()}
+        _log_metrics(self.client, self.run_id, final, step=trainer.epoch)
+        for name in ("config.toml", "history.csv", "metrics.json", "tolerances.csv"):
+            path = Path(trainer.output_dir) / name
+            if path.is_file():
+                self.client.log_artifact(self.run_id, str(path))
+        tags = [RunTag(TAG_PREFIX + "status", result.status)]
+        if result.reason:
+            tags.append(RunTag(TAG_PREFIX + "reason", result.reason[:5000]))
+        self.client.log_batch(self.run_id, tags=tags)
+        self.client.set_terminated(self.run_id, "FINISHED" if result.status == "finished" else "FAILED")
