@@ -65,14 +65,15 @@ class DataConfig:
     # Logit transform x -> logit(alpha + (1 - 2 alpha) x); 1e-6 follows FFJORD.
     alpha: float = 1e-6
     horizontal_flip: bool = True
-    num_workers: int = 0
+    # Keep at most this many examples of each split (seeded subset) for quick checks; 0 keeps all.
+    max_examples: int = 0
 
     def __post_init__(self) -> None:
         _require(self.name in DATASETS, "data", "name", self.name, f"one of {', '.join(DATASETS)}")
         _require(0 < self.val_fraction < 0.5, "data", "val_fraction", self.val_fraction, "a fraction in (0, 0.5)")
         _require(0 < self.test_fraction < 0.5, "data", "test_fraction", self.test_fraction, "a fraction in (0, 0.5)")
         _require(0 <= self.alpha < 0.5, "data", "alpha", self.alpha, "a value in [0, 0.5)")
-        _require(self.num_workers >= 0, "data", "num_workers", self.num_workers, "an integer >= 0")
+        _require(self.max_examples >= 0, "data", "max_examples", self.max_examples, "an integer >= 0 (0 keeps all)")
         if self.name != "digits":
             _require(
                 bool(self.data_root),
@@ -163,6 +164,9 @@ class ToleranceConfig:
     log10_init: float = -5.0
     init_log_std: float = -0.5
     gate_hidden: int = 32
+    # Adam learning rate of the gate parameters: a gate's output moves about this much in log10
+    # tolerance per step, so it is higher than a typical flow learning rate.
+    gate_lr: float = 1e-2
     # Weight of the REINFORCE term in the total loss, and the reward scale per NFE.
     reinforce_weight: float = 1.0
     nfe_reward_scale: float = 0.01
@@ -199,6 +203,7 @@ class ToleranceConfig:
             f"a value in [log10_min, log10_max] = [{self.log10_min}, {self.log10_max}]",
         )
         _require(self.gate_hidden >= 1, section, "gate_hidden", self.gate_hidden, "an integer >= 1")
+        _require(self.gate_lr > 0, section, "gate_lr", self.gate_lr, "a learning rate > 0")
         _require(self.reinforce_weight >= 0, section, "reinforce_weight", self.reinforce_weight, "a weight >= 0")
         _require(self.nfe_reward_scale > 0, section, "nfe_reward_scale", self.nfe_reward_scale, "a scale > 0")
         _require(0 < self.discount <= 1, section, "discount", self.discount, "a discount in (0, 1]")

@@ -142,6 +142,12 @@ def load_splits(config: DataConfig) -> DataSplits:
     if config.name not in _LOADERS:
         raise ValueError(f"unknown dataset {config.name!r}: choose one of {', '.join(_LOADERS)}")
     splits = _LOADERS[config.name](config)
+    if config.max_examples:
+        for name in ("train", "val", "test"):
+            split = getattr(splits, name)
+            if len(split) > config.max_examples:
+                _, subset = _split_off(split, config.max_examples / len(split), config.split_seed + 2)
+                setattr(splits, name, subset)
     log.info(
         "loaded %s: %d train, %d validation, %d test images of shape %s",
         splits.name,
@@ -160,7 +166,10 @@ def dequantize(images: torch.Tensor, levels: int, generator: torch.Generator | N
     (Theis et al. 2016); for 8-bit data this is (255 x + u) / 256 with x in [0, 1].
     """
     noise = torch.rand(images.shape, generator=generator, device=images.device, dtype=torch.float32)
-    return (images.float() + noise) / levels
+    x = (images.float() + noise) / levels
+    # In float32, levels - 1 + u rounds up to levels for u within about 1e-5 of 1 (255 + u for
+    # 8-bit data), which would give exactly 1.0; clamp to the largest float32 below 1.
+    return x.clamp_max(1.0 - 2.0**-24)
 
 
 def random_horizontal_flip(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -186,9 +186,11 @@ def parse_grid(raw: dict[str, Any], path: str = "<grid>") -> Grid:
 def _expand(path, kind, base, factors, rules, seeds, errors) -> list[Cell]:
     cells = []
     if kind == "latent_ode":
-        from .latent_ode.config import LatentODERunConfig as config_type  # noqa: N813
+        from .latent_ode.config import LatentODEConfig, apply_latent_ode_overrides
+
+        config_type, override = LatentODEConfig, apply_latent_ode_overrides
     else:
-        config_type = RunConfig
+        config_type, override = RunConfig, apply_overrides
     try:
         base_config = config_type.from_dict(base)
     except ValueError as exc:
@@ -204,9 +206,9 @@ def _expand(path, kind, base, factors, rules, seeds, errors) -> list[Cell]:
         cell_id = ",".join(f"{k}={v}" for k, v in levels.items()) or "base"
         configs = {}
         try:
-            config = apply_overrides(base_config, settings)
+            config = override(base_config, settings)
             for seed in seeds:
-                configs[seed] = apply_overrides(config, {"seed": seed})
+                configs[seed] = override(config, {"seed": seed})
             if kind == "cnf":
                 _check_manual_blocks(config)
         except ValueError as exc:

@@ -118,7 +118,10 @@ class _CNFDynamics(nn.Module):
         needs_graph = torch.is_grad_enabled()
         scale = self.sign * self.t1
         with torch.enable_grad():
-            if not z.requires_grad:
+            # Without an outer graph, differentiate with respect to a fresh leaf. A view that
+            # torchdiffeq made under no_grad (the adjoint's forward solve of an input that
+            # requires grad) reports requires_grad but is not connected to any graph.
+            if not (needs_graph and z.requires_grad):
                 z = z.detach().requires_grad_(True)
             t = (1.0 - s if self.sign < 0 else s) * self.t1
             dz = scale * self.field(t, z)

@@ -152,12 +152,14 @@ class _ConvGate(nn.Module):
     def __init__(self, channels: int, height: int, hidden: int):
         super().__init__()
         pool = nn.AvgPool2d(2) if height >= 4 else nn.Identity()
+        # No conv bias before BatchNorm: BN subtracts the batch mean, so such a bias would get
+        # a zero gradient and never train.
         self.net = nn.Sequential(
             pool,
-            nn.Conv2d(channels, hidden, 3, padding=1),
+            nn.Conv2d(channels, hidden, 3, padding=1, bias=False),
             nn.BatchNorm2d(hidden),
             nn.ReLU(),
-            nn.Conv2d(hidden, hidden, 3, padding=1),
+            nn.Conv2d(hidden, hidden, 3, padding=1, bias=False),
             nn.BatchNorm2d(hidden),
             nn.ReLU(),
             nn.AdaptiveAvgPool2d(1),

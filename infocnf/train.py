@@ -106,9 +106,12 @@ class Trainer:
             config, self.splits.shape, self.splits.levels, self.splits.num_classes
         ).to(self.device)
         self.policy: TolerancePolicy = build_policy(config.solver.tolerance, self.model.block_shapes).to(self.device)
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        params += [p for p in self.policy.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.Adam(params, lr=config.train.lr, weight_decay=config.train.weight_decay)
+        groups = [{"params": [p for p in self.model.parameters() if p.requires_grad], "lr_scale": 1.0}]
+        gate_params = [p for p in self.policy.parameters() if p.requires_grad]
+        if gate_params:
+            gate_scale = config.solver.tolerance.gate_lr / config.train.lr
+            groups.append({"params": gate_params, "lr_scale": gate_scale})
+        self.optimizer = torch.optim.Adam(groups, lr=config.train.lr, weight_decay=config.train.weight_decay)
         self.epoch = 0  # Epochs completed.
         self.iteration = 0
         self.history: list[dict[str, float]] = []
@@ -194,8 +197,10 @@ class Trainer:
         )
         per_epoch = max(1, len(self.splits.train) // cfg.train.batch_size)
         for step, (images, labels) in enumerate(batches):
+            lr = learning_rate_at(cfg, self.epoch, self.iteration)
             for group in self.optimizer.param_groups:
-                group["lr"] = learning_rate_at(cfg, self.epoch, self.iteration)
+                # The gates follow the same schedule, scaled to their own base rate.
+                group["lr"] = lr * group["lr_scale"]
             x = dequantize(images, self.splits.levels)
             if self.splits.flip_train:
                 x = random_horizontal_flip(x)

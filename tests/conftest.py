@@ -8,7 +8,9 @@ os.environ["DO_NOT_TRACK"] = "true"
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(2)
+# One thread: the test models are tiny, and two threads per process oversubscribe 2 cores
+# whenever a test starts a second process (MLflow, the CLI).
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

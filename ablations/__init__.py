@@ -1,0 +1,1 @@
+"""Grid files of the shipped ablations; ``python -m ablations GRID`` runs one like ``infocnf ablate``."""
