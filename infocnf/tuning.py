@@ -1,9 +1,9 @@
 """Optuna search for per-scale training tolerances, the source of the "manual" tolerance lists.
 
 Each trial trains the run config for a short budget with ``solver.tolerance.strategy =
-"manual"``, one log10 tolerance sampled per scale of the multiscale flow (every CNF block of
-that scale shares it) or per block of the flat MLP flow, and is scored at the fixed evaluation
-tolerance on the validation split.
+"manual"``. It samples one log10 tolerance per scale of the multiscale flow (shared by every CNF
+block of that scale) or per block of the flat MLP flow. Its model is scored on the validation
+split at the fixed evaluation tolerance.
 
 The study is multi-objective: it minimises (validation bits/dim, mean forward NFE per training
 iteration) and keeps the Pareto front. A constrained single objective would need the accepted
@@ -17,9 +17,9 @@ Selection rule: among Pareto-optimal trials, take those whose validation bits/di
 ``best + bpd_slack * |best|`` and choose the one with the lowest mean forward NFE (ties go to
 the lower bits/dim). The chosen tolerances are written as a TOML snippet.
 
-The sampler is Optuna's TPE (its default, which handles several objectives): NSGA-II spends its
-first generation (50 trials by default) on random sampling, longer than a search of tens of
-trials. Trials that end with a solver failure or divergence are stored as PRUNED with the
+The sampler is TPE, Optuna's default (in 5.1) for one or several objectives. It samples its first
+10 trials at random and then models the front, whereas NSGA-II samples a whole first generation
+(50 trials by default) at random, longer than a search of tens of trials. Trials that end with a solver failure or divergence are stored as PRUNED with the
 status and reason as user attributes, and count towards the requested number of trials.
 """
 
@@ -28,6 +28,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,25 +55,25 @@ _STUDY_KEYS = ("base_config_hash", "log10_min", "log10_max", "groups")
 
 @dataclass(frozen=True)
 class TuneConfig:
-    """Settings of one tolerance search; each field is validated on construction."""
+    """Settings of one tolerance search, validated on construction."""
 
-    # Trials the study should hold in total (finished or pruned), counting earlier sessions.
+    # Trials the study should contain in total (finished or pruned), counting earlier sessions.
     trials: int
-    # Sampled log10 tolerance range. The default spans 1e-7, two decades tighter than the 1e-5
-    # FFJORD trains at, to 1e-2, where dopri5 on these flows takes few steps.
+    # Sampled log10 tolerance range. The default reaches two decades tighter and three looser
+    # than 1e-5, a common fixed training tolerance for CNFs.
     log10_min: float = -7.0
     log10_max: float = -2.0
-    # Training epochs per trial; None means a tenth of the config's train.epochs, at least 1.
+    # Training epochs per trial. None means a tenth of the config's train.epochs, at least 1.
     epochs: int | None = None
     # Relative bits/dim slack of the selection rule: 0.01 accepts trials within 1 % of the best.
     bpd_slack: float = 0.01
     study_name: str = "tune-tolerance"
-    # Optuna storage URL; empty means sqlite:///<output>/study.db.
+    # Optuna storage URL. Empty means sqlite:///<output>/study.db.
     storage: str = ""
 
     def __post_init__(self) -> None:
         if not isinstance(self.trials, int) or self.trials < 1:
-            raise ValueError(f"invalid trials = {self.trials!r}: expected an integer >= 1, the total the study should hold")
+            raise ValueError(f"invalid trials = {self.trials!r}: expected an integer >= 1, the total the study should contain")
         for name in ("log10_min", "log10_max"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value >= 0:
@@ -131,7 +132,7 @@ def tolerance_groups(model: ModelConfig) -> list[ToleranceGroup]:
 
 
 def _per_block(groups: list[ToleranceGroup], log10_tolerances: list[float]) -> list[float]:
-    # Three significant digits, so the snippet holds exactly the tolerances that were trained.
+    # Three significant digits, so the snippet contains exactly the tolerances that were trained.
     per_block = [0.0] * sum(len(g.blocks) for g in groups)
     for group, log10_tol in zip(groups, log10_tolerances):
         for block in group.blocks:
@@ -159,8 +160,11 @@ def _manual(config: RunConfig, per_block: list[float]) -> RunConfig:
 
 
 def _open_study(tune: TuneConfig, storage_url: str, identity: dict[str, Any]) -> optuna.Study:
-    # The heartbeat lets a later session mark trials of a killed process as FAIL.
-    storage = optuna.storages.RDBStorage(storage_url, heartbeat_interval=60, grace_period=180)
+    # The heartbeat lets a later session mark trials of a killed process as FAIL. Optuna 5.1
+    # still flags heartbeat_interval as experimental, and that warning is not actionable here.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        storage = optuna.storages.RDBStorage(storage_url, heartbeat_interval=60, grace_period=180)
     study = optuna.create_study(
         study_name=tune.study_name,
         storage=storage,
@@ -188,13 +192,15 @@ def tune_tolerance(
     tune: TuneConfig,
     callbacks: list[Callable[[optuna.Study, FrozenTrial], None]] | None = None,
     trainer_callbacks: Callable[[], list[Any]] | None = None,
+    on_start: Callable[[int, int], None] | None = None,
 ) -> TuneResult:
-    """Run (or resume) the search until the study holds ``tune.trials`` finished trials, then summarise it.
+    """Run (or resume) the search until the study contains ``tune.trials`` finished trials, then summarise it.
 
     Writes to ``output_dir``: tolerance.toml (the snippet), best_config.toml (``config`` with the
     chosen tolerances), trials.csv, trials.md, pareto.png, and one training folder per trial under
-    trials/<study name>/. ``callbacks`` are Optuna trial callbacks; ``trainer_callbacks`` builds
-    the Trainer callbacks of each trial.
+    trials/<study name>/. ``callbacks`` are Optuna trial callbacks, ``trainer_callbacks`` builds
+    the Trainer callbacks of each trial, and ``on_start(finished, remaining)`` is called once the
+    stored trials are counted, before the first new trial.
     """
     if not config.solver.adaptive:
         raise ValueError(
@@ -218,8 +224,12 @@ def tune_tolerance(
     remaining = max(0, tune.trials - finished)
     # Seeded by the trials already stored, so a resumed session does not repeat the first
     # session's random start-up points.
+    # NOTE: workers started at the same time on one shared storage get the same seed, so their
+    # first points can coincide.
     study.sampler = optuna.samplers.TPESampler(seed=config.seed + len(study.trials))
     log.info("study %r in %s: %d finished trials, running %d more", tune.study_name, storage_url, finished, remaining)
+    if on_start is not None:
+        on_start(finished, remaining)
 
     if remaining:
         splits = load_splits(base.data)
@@ -262,7 +272,7 @@ def tune_tolerance(
 
 
 def trials_frame(study: optuna.Study, groups: list[ToleranceGroup]) -> pd.DataFrame:
-    """One row per trial: sampled log10 tolerances, per-block tolerances, metrics, Pareto flag and failure reason."""
+    """Build a table with one row per trial: sampled log10 tolerances, per-block tolerances, metrics, Pareto flag, failure reason."""
     front = {t.number for t in study.best_trials}
     rows = []
     for trial in study.get_trials(deepcopy=False):
@@ -278,14 +288,18 @@ def trials_frame(study: optuna.Study, groups: list[ToleranceGroup]) -> pd.DataFr
         row["pareto"] = trial.number in front
         row["status"] = attrs.get("status", "")
         row["reason"] = attrs.get("reason", "")
+        if trial.state == TrialState.FAIL and not row["reason"]:
+            row["reason"] = "the trial raised an exception or was interrupted (see the log); a rerun retries it"
         row["elapsed_s"] = attrs.get("elapsed_s", math.nan)
         rows.append(row)
-    return pd.DataFrame(rows)
+    columns = ["trial", "state", *(f"log10_tol_{g.name}" for g in groups), "per_block", "val_bits_per_dim",
+               "val_error", "train_nfe_forward", "pareto", "status", "reason", "elapsed_s"]
+    return pd.DataFrame(rows, columns=columns)
 
 
 def choose_trial(frame: pd.DataFrame, bpd_slack: float) -> int | None:
-    """Trial number picked by the selection rule from a trials_frame; None when no trial is on the front."""
-    front = frame[frame["pareto"]]
+    """Return the trial number the selection rule picks from a trials_frame, or None when no trial is on the front."""
+    front = frame[frame["pareto"].astype(bool)]
     if front.empty:
         return None
     best = front["val_bits_per_dim"].min()
@@ -304,8 +318,8 @@ def _write_summary(
     result: TuneResult,
 ) -> None:
     frame = trials_frame(study, groups)
-    chosen = choose_trial(frame, tune.bpd_slack) if not frame.empty else None
-    frame["chosen"] = frame["trial"] == chosen if chosen is not None else False
+    chosen = choose_trial(frame, tune.bpd_slack)
+    frame["chosen"] = frame["trial"] == chosen
     files = {"trials_csv": output_dir / "trials.csv", "trials_md": output_dir / "trials.md", "pareto_png": output_dir / "pareto.png"}
     frame.to_csv(files["trials_csv"], index=False)
 
@@ -316,8 +330,8 @@ def _write_summary(
     lines = [
         f"# Tolerance search {tune.study_name!r}",
         "",
-        f"{result.trials_finished} finished trials ({int((frame['state'] == 'PRUNED').sum()) if not frame.empty else 0} "
-        f"pruned by a failed run), {epochs} training epochs each, log10 tolerance sampled in "
+        f"{result.trials_finished} finished trials ({int((frame['state'] == 'PRUNED').sum())} pruned after a failed "
+        f"run), {epochs} training epoch{'s' if epochs != 1 else ''} each, log10 tolerance sampled in "
         f"[{tune.log10_min:g}, {tune.log10_max:g}] per {'scale' if config.model.architecture == 'multiscale' else 'block'}; "
         f"validation metrics at the evaluation tolerance {config.solver.eval_tolerance:g}.",
         "",
@@ -326,14 +340,14 @@ def _write_summary(
     ]
     if chosen is not None:
         row = frame[frame["trial"] == chosen].iloc[0]
-        per_block = tuple(study.trials[chosen].user_attrs["per_block"])
+        per_block = tuple(next(t for t in study.trials if t.number == chosen).user_attrs["per_block"])
         result.chosen_trial, result.per_block = chosen, per_block
         result.metrics = {key: float(row[key]) for key in ("val_bits_per_dim", "val_error", "train_nfe_forward")}
         snippet = tomli_w.dumps({"solver": {"tolerance": {"strategy": "manual", "per_block": list(per_block)}}})
         header = (
             f"# Chosen by infocnf tune-tolerance, study {tune.study_name!r}, trial {chosen}: {rule}.\n"
             f"# Validation bits/dim {row['val_bits_per_dim']:.4f}, mean forward NFE {row['train_nfe_forward']:.1f} "
-            f"after {epochs} epochs.\n"
+            f"after {epochs} training epoch{'s' if epochs != 1 else ''}.\n"
         )
         files["snippet"] = output_dir / "tolerance.toml"
         files["snippet"].write_text(header + snippet)
@@ -342,7 +356,9 @@ def _write_summary(
         lines += [f"Chosen: trial {chosen}, per_block = {list(per_block)}.", ""]
     else:
         lines += ["Chosen: none, because no trial finished; the reason column says why each one failed.", ""]
-    lines.append(frame.to_markdown(index=False, floatfmt=".4g"))
+    # Six significant digits: on a short budget the bits/dim of different trials can differ
+    # only in the fifth.
+    lines.append(frame.to_markdown(index=False, floatfmt=".6g"))
     files["trials_md"].write_text("\n".join(lines) + "\n")
     _plot_front(frame, tune.study_name, files["pareto_png"])
     result.files = files
@@ -354,19 +370,20 @@ def _plot_front(frame: pd.DataFrame, study_name: str, path: Path) -> None:
 
     figure = Figure(figsize=(6, 4.5), layout="constrained")
     axes = figure.add_subplot()
-    done = frame[frame["state"] == "COMPLETE"] if not frame.empty else frame
+    done = frame[frame["state"] == "COMPLETE"]
     if not done.empty:
         axes.scatter(done["train_nfe_forward"], done["val_bits_per_dim"], color="0.6", label="trial")
         front = done[done["pareto"]].sort_values("train_nfe_forward")
         axes.step(front["train_nfe_forward"], front["val_bits_per_dim"], where="post", color="C0")
         axes.scatter(front["train_nfe_forward"], front["val_bits_per_dim"], color="C0", label="Pareto front")
-        chosen = done[done.get("chosen", False) == True]  # noqa: E712 (pandas element-wise comparison)
+        chosen = done[done["chosen"]]
         if not chosen.empty:
             axes.scatter(chosen["train_nfe_forward"], chosen["val_bits_per_dim"], marker="*", s=250,
                          color="C3", label=f"chosen (trial {int(chosen['trial'].iloc[0])})", zorder=3)
         axes.legend()
-    failed = 0 if frame.empty else int((frame["state"] != "COMPLETE").sum())
+    incomplete = int((frame["state"] != "COMPLETE").sum())
     axes.set_xlabel("mean forward NFE per training iteration")
     axes.set_ylabel("validation bits/dim")
-    axes.set_title(f"{study_name}: {len(done)} trials, {failed} failed or pruned")
+    axes.ticklabel_format(axis="y", useOffset=False)
+    axes.set_title(f"{study_name}: {len(done)} completed trials, {incomplete} pruned or failed")
     figure.savefig(path, dpi=120)
