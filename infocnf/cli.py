@@ -7,6 +7,8 @@ import os
 # MLflow 3 sends telemetry on import unless both are set; set them before anything imports it.
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "true")
+# Reports download artifacts one by one; a progress bar per file is noise.
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 import argparse  # noqa: E402
 import importlib  # noqa: E402

@@ -62,7 +62,8 @@ class ConditioningHead(nn.Module):
         """Split z (batch, features) into z_y (batch, dim_y) and z_u (batch, features - dim_y)."""
         return z[:, : self.dim_y], z[:, self.dim_y :]
 
-    def _prior_params(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def prior_params(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and log-std of z_y's prior for labels of shape (batch,); each (batch, dim_y)."""
         onehot = F.one_hot(labels, self.num_classes).to(self.prior_encoder.weight.dtype)
         mean, log_std = self.prior_encoder(onehot).chunk(2, dim=-1)
         return mean, log_std
@@ -74,7 +75,7 @@ class ConditioningHead(nn.Module):
         if labels is None:
             raise ValueError("labels are required for log p(z | y) of a conditional model; use marginal_log_prob")
         z_y, z_u = self.split(z)
-        mean, log_std = self._prior_params(labels)
+        mean, log_std = self.prior_params(labels)
         return gaussian_log_prob(z_y, mean, log_std) + standard_normal_log_prob(z_u)
 
     def marginal_log_prob(self, z: torch.Tensor) -> torch.Tensor:
@@ -83,7 +84,7 @@ class ConditioningHead(nn.Module):
             return standard_normal_log_prob(z)
         z_y, z_u = self.split(z)
         classes = torch.arange(self.num_classes, device=z.device)
-        mean, log_std = self._prior_params(classes)  # (classes, dim_y)
+        mean, log_std = self.prior_params(classes)  # (classes, dim_y)
         per_class = gaussian_log_prob(z_y[:, None, :], mean[None], log_std[None])  # (batch, classes)
         log_p_y = torch.logsumexp(per_class, dim=1) - math.log(self.num_classes)
         return log_p_y + standard_normal_log_prob(z_u)

@@ -89,7 +89,7 @@ class ConditionalCNF(nn.Module):
         n = labels.shape[0]
         z = torch.randn(n, self.num_dims, device=labels.device) * temperature
         if self.head.conditional:
-            mean, log_std = self.head._prior_params(labels)
+            mean, log_std = self.head.prior_params(labels)
             z[:, : self.head.dim_y] = mean + log_std.exp() * z[:, : self.head.dim_y]
         y = self.flow.inverse(z, plan)
         return inverse_logit_transform(y.reshape(n, *self.shape), self.alpha).clamp(0, 1)

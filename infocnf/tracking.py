@@ -12,6 +12,8 @@ from typing import Any
 # MLflow 3 sends telemetry on import unless both are set.
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "true")
+# Reports download artifacts one by one; a progress bar per file is noise.
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 import mlflow  # noqa: E402
 from mlflow.entities import Metric, Param, RunTag  # noqa: E402
@@ -122,7 +124,7 @@ class MlflowCallback:
     def on_end(self, trainer, result) -> None:
         final = {f"final_{k}": v for k, v in result.metrics.items()}
         _log_metrics(self.client, self.run_id, final, step=trainer.epoch)
-        for name in ("config.toml", "history.csv", "metrics.json", "tolerances.csv"):
+        for name in ("config.toml", "history.csv", "metrics.json", "tolerances.csv", "trajectories.npz"):
             path = Path(trainer.output_dir) / name
             if path.is_file():
                 self.client.log_artifact(self.run_id, str(path))

@@ -20,11 +20,11 @@ __all__ = ["TrajectorySet", "predict_trajectories", "save_trajectories", "load_t
 class TrajectorySet:
     """Ground truth, observations and model predictions for a few spirals, as NumPy arrays.
 
-    ``truth`` (spirals, grid_points, 2) is the noise-free trajectory; ``observed`` and ``fit``
-    (spirals, window_points, 2) are the noisy window and its reconstruction from the posterior mean
-    of z0; ``forward`` and ``backward`` (spirals, extrapolate_points, 2) are the extrapolations after
-    and before the window, ``backward`` in reverse time order. ``window_start`` and ``labels`` are
-    (spirals,).
+    ``truth`` (spirals, grid_points, 2) is the noise-free trajectory. ``observed`` and ``fit``
+    (spirals, window_points, 2) are the noisy window and its reconstruction from the posterior
+    mean of z0. ``forward`` and ``backward`` (spirals, extrapolate_points, 2) are the
+    extrapolations after and before the window, and ``backward`` runs back in time from the
+    window start. ``window_start`` and ``labels`` are (spirals,).
     """
 
     truth: np.ndarray
@@ -90,10 +90,8 @@ def plot_trajectories(
     must cover the same spirals. Each panel shows the noise-free trajectory, the observed points,
     the fit on the window and the forward and backward extrapolations. Returns ``path``.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # A bare Figure renders through the Agg canvas and leaves pyplot's global backend untouched.
+    from matplotlib.figure import Figure
 
     if not models:
         raise ValueError("no models to plot: pass at least one name -> TrajectorySet, .npz file or run folder")
@@ -109,7 +107,8 @@ def plot_trajectories(
         raise ValueError(f"invalid num_spirals = {num_spirals}: expected >= 1, and the trajectory sets must not be empty")
 
     columns = len(sets)
-    figure, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 3.2 * rows), squeeze=False)
+    figure = Figure(figsize=(3.2 * columns, 3.2 * rows))
+    axes = figure.subplots(rows, columns, squeeze=False)
     for column, (name, trajectories) in enumerate(sets.items()):
         for row in range(rows):
             ax = axes[row, column]
@@ -136,5 +135,4 @@ def plot_trajectories(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=120)
-    plt.close(figure)
     return path

@@ -86,8 +86,8 @@ class _LatentDynamics(nn.Module):
 def solve_latent(field: nn.Module, z0: torch.Tensor, times: torch.Tensor, options: SolveOptions) -> tuple[torch.Tensor, SolveStats]:
     """Integrate the autonomous field from z0 (batch, latent) at times[0] through ``times``.
 
-    ``times`` (points,) is strictly increasing or strictly decreasing (a backward solve). Returns
-    the states (points, batch, latent), the first being z0, and the solve's statistics.
+    ``times`` (points,) is strictly increasing, or strictly decreasing for a backward solve.
+    Returns the states (points, batch, latent), whose first entry is z0, and the solve's statistics.
     """
     if times.ndim != 1 or times.shape[0] < 2:
         raise ValueError(f"invalid times of shape {tuple(times.shape)}: expected at least 2 points in one dimension")
@@ -145,8 +145,8 @@ class LatentODE(nn.Module):
     The GRU reads the observed window from its last point to its first, so its final state
     summarises the window at its start, where z0 lives. With the "partitioned" prior, z0 splits
     into z_y (the first ``supervised_dim`` features), whose prior N(mean(y), std(y)^2) comes from
-    a zero-initialised linear map of the one-hot direction label and which feeds a classifier,
-    and z_u ~ N(0, I).
+    a zero-initialised linear map of the one-hot direction label and which feeds a linear
+    classifier, and z_u ~ N(0, I).
     """
 
     def __init__(self, model: LatentModelConfig, prior: LatentPriorConfig, num_classes: int = 2):
@@ -156,7 +156,7 @@ class LatentODE(nn.Module):
         self.num_classes = num_classes
         self.prior_method = prior.method
         self.ce_weight = prior.ce_weight
-        # Inputs per step: the 2-D point and the time gap to the point read before it.
+        # Inputs per step: the 2-D point and the time elapsed since the point read before it.
         self.encoder = nn.GRU(input_size=3, hidden_size=model.encoder_hidden, batch_first=True)
         self.encoder_head = nn.Linear(model.encoder_hidden, 2 * model.latent_dim)
         self.field = _mlp(model.latent_dim, model.ode_hidden_dims, model.latent_dim, model.activation)
@@ -165,11 +165,13 @@ class LatentODE(nn.Module):
             self.supervised_dim = min(model.latent_dim - 1, max(1, round(prior.supervised_ratio * model.latent_dim)))
             # One-hot label -> (mean, log-std) of z_y's prior; zero init starts from N(0, I).
             self.prior_encoder = nn.Linear(num_classes, 2 * self.supervised_dim)
+            nn.init.zeros_(self.prior_encoder.weight)
+            nn.init.zeros_(self.prior_encoder.bias)
+            # The classifier keeps PyTorch's random init: with zero weights the cross-entropy sends no
+            # gradient into the encoder, and a run whose z_y starts without direction information
+            # stayed at chance (test error 0.47 after 20 epochs on the quick preset).
             self.classifier = nn.Linear(self.supervised_dim, num_classes)
             self.dropout = nn.Dropout(prior.classifier_dropout)
-            for layer in (self.prior_encoder, self.classifier):
-                nn.init.zeros_(layer.weight)
-                nn.init.zeros_(layer.bias)
         else:
             self.supervised_dim = 0
 
@@ -180,10 +182,11 @@ class LatentODE(nn.Module):
     def encode(self, observed: torch.Tensor, times: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Posterior q(z0 | window): observed (batch, points, 2), times (points,) -> mean, log_std (batch, latent)."""
         reversed_x = observed.flip(1)  # (batch, points, 2), last point first
-        gaps = torch.zeros_like(times)
-        gaps[1:] = times[1:] - times[:-1]
-        reversed_gaps = gaps.flip(0)[None, :, None].expand(observed.shape[0], -1, 1)  # (batch, points, 1)
-        _, hidden = self.encoder(torch.cat([reversed_x, reversed_gaps], dim=-1))  # hidden (1, batch, hidden)
+        reversed_times = times.flip(0)
+        # Elapsed time from the point read before, in reading order: 0, t[-1] - t[-2], ..., t[1] - t[0].
+        gaps = torch.cat([torch.zeros_like(times[:1]), (reversed_times[:-1] - reversed_times[1:]).abs()])
+        gaps = gaps[None, :, None].expand(observed.shape[0], -1, 1)  # (batch, points, 1)
+        _, hidden = self.encoder(torch.cat([reversed_x, gaps], dim=-1))  # hidden (1, batch, hidden)
         mean, log_std = self.encoder_head(hidden[0]).chunk(2, dim=-1)
         return mean, log_std
 
@@ -223,7 +226,7 @@ class LatentODE(nn.Module):
         ``generator`` seeds eps, for repeatable evaluation.
         """
         if float(times[0]) != 0.0:
-            raise ValueError(f"invalid times[0] = {float(times[0])}: z0 sits at the first observed point, so times must start at 0")
+            raise ValueError(f"invalid times[0] = {float(times[0])}: z0 is the state at the first observed point, so times must start at 0")
         mean, log_std = self.encode(observed, times)
         z0 = mean
         if sample:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -17,9 +18,10 @@ __all__ = ["SpiralSet", "SpiralSplits", "SPIRAL_PRESETS", "CLOCKWISE", "COUNTER_
 CLOCKWISE = 0
 COUNTER_CLOCKWISE = 1
 
-# "paper": 5,000 training spirals as in the InfoCNF time-series experiment, with separate
-# validation and test sets. "quick": small enough to train both priors over 3 seeds on 2 CPU cores.
-# NOTE: the sizes of the paper's validation and test sets are not stated there; 500 and 1,000 are our choice.
+# "paper": 5,000 training spirals, the size of the InfoCNF time-series experiment (Nguyen et al.,
+# "InfoCNF", 2019), with separate validation and test sets. "quick": small enough to train both
+# priors over 3 seeds on 2 CPU cores in about 10 minutes.
+# NOTE: 500 validation and 1,000 test spirals are our choice; the InfoCNF paper does not give these sizes.
 SPIRAL_PRESETS = {
     "paper": SpiralConfig(num_train=5000, num_val=500, num_test=1000),
     "quick": SpiralConfig(num_train=400, num_val=100, num_test=200),
@@ -33,10 +35,10 @@ _SPLIT_STREAMS = {"train": 0, "val": 1, "test": 2}
 class SpiralSet:
     """Spirals of one split, as float32 tensors.
 
-    ``grid`` (grid_points,) is the time grid; ``truth`` (spirals, grid_points, 2) the noise-free
-    trajectories on it; ``observed`` (spirals, window_points, 2) the noisy window that starts at
-    grid index ``window_start`` (spirals,); ``labels`` (spirals,) holds CLOCKWISE or
-    COUNTER_CLOCKWISE; ``radius``, ``growth`` and ``phase`` (spirals,) are the drawn parameters.
+    ``grid`` (grid_points,) is the time grid and ``truth`` (spirals, grid_points, 2) the
+    noise-free trajectories on it. ``observed`` (spirals, window_points, 2) is the noisy window
+    that starts at grid index ``window_start`` (spirals,). ``labels`` (spirals,) is CLOCKWISE or
+    COUNTER_CLOCKWISE, and ``radius``, ``growth`` and ``phase`` (spirals,) are the drawn parameters.
     """
 
     grid: torch.Tensor
@@ -66,6 +68,13 @@ class SpiralSet:
         """
         times = torch.arange(num_points, device=self.grid.device, dtype=self.grid.dtype) * self.dt
         return -times if backward else times
+
+    def alternating_indices(self, count: int) -> torch.Tensor:
+        """Indices of the first ``count`` spirals taken alternately clockwise and counter-clockwise."""
+        clockwise = torch.nonzero(self.labels == CLOCKWISE).flatten().tolist()
+        counter = torch.nonzero(self.labels != CLOCKWISE).flatten().tolist()
+        pairs = itertools.zip_longest(clockwise, counter)
+        return torch.tensor([i for pair in pairs for i in pair if i is not None][:count], dtype=torch.long)
 
     def subset(self, index: torch.Tensor | list[int]) -> SpiralSet:
         """Return the spirals at ``index`` (the grid is shared)."""
@@ -107,10 +116,10 @@ class SpiralSplits:
 def generate_spirals(config: SpiralConfig, num_spirals: int, stream: int = 0) -> SpiralSet:
     """Draw ``num_spirals`` spirals, the first half clockwise, from the seed (config.seed, stream).
 
-    Each spiral is r(t) (cos theta(t), sin theta(t)) on the grid t in [0, t1] with
-    r(t) = radius + growth * t and theta(t) = phase + direction * t (direction -1 clockwise,
-    +1 counter-clockwise), so both directions spiral outwards. The observed window starts at a
-    uniform grid index that leaves extrapolate_points grid points on either side.
+    Each spiral is r(t) (cos theta(t), sin theta(t)) on the grid t in [0, t1], with
+    r(t) = radius + growth * t and theta(t) = phase + direction * t. The direction is -1 for
+    clockwise and +1 for counter-clockwise, and both directions spiral outwards. The observed
+    window starts at a uniform grid index that leaves extrapolate_points grid points on either side.
     """
     if num_spirals < 2:
         raise ValueError(f"invalid num_spirals = {num_spirals}: expected >= 2, so both directions appear")

@@ -72,7 +72,7 @@ def evaluate_latent_ode(
         sums["sq_window"] += float((ahead[:, :window] - truth_window).pow(2).mean(dim=(1, 2)).sum())
         sums["sq_observed"] += float((ahead[:, :window] - batch.observed).pow(2).mean(dim=(1, 2)).sum())
         sums["sq_forward"] += float((ahead[:, window:] - batch.segment(window, extrapolate_points)).pow(2).mean(dim=(1, 2)).sum())
-        # behind[:, k] is k grid steps before the window start; segment() runs forwards in time.
+        # behind[:, k] is k grid steps before the window start, but segment() runs forwards in time.
         truth_behind = batch.segment(-extrapolate_points, extrapolate_points).flip(1)
         sums["sq_backward"] += float((behind[:, 1:] - truth_behind).pow(2).mean(dim=(1, 2)).sum())
         logits = model.logits(out.mean)
@@ -97,8 +97,8 @@ def evaluate_latent_ode(
 def probe_direction_error(model: LatentODE, train: SpiralSet, test: SpiralSet, seed: int) -> float:
     """Test error of a logistic-regression probe fitted on the posterior means of z0 (all features).
 
-    It measures how much direction information the latent holds for either prior, whereas the
-    partitioned model's own classifier sees only z_y.
+    It measures the direction information in the whole latent for either prior, whereas the
+    partitioned model's own classifier reads only z_y.
     """
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
@@ -141,9 +141,9 @@ class LatentODETrainer:
         self.config_hash = config.hash()
 
     def learning_rate(self) -> float:
-        """Learning rate of the current epoch: lr times lr_decay_factor per decay epoch passed."""
+        """Learning rate of the current epoch: lr times lr_decay_factor per listed epoch count reached."""
         cfg = self.config.train
-        return cfg.lr * cfg.lr_decay_factor ** sum(1 for e in cfg.lr_decay_epochs if self.epoch + 1 >= e)
+        return cfg.lr * cfg.lr_decay_factor ** sum(1 for e in cfg.lr_decay_epochs if self.epoch >= e)
 
     def _emit(self, event: str, *args: Any) -> None:
         for callback in self.callbacks:
@@ -160,11 +160,13 @@ class LatentODETrainer:
         lr = self.learning_rate()
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+
         generator = torch.Generator().manual_seed(cfg.seed * 100_003 + self.epoch)
         order = torch.randperm(len(train), generator=generator).to(self.device)
         batches = order.split(cfg.train.batch_size)
         sums = {"loss": 0.0, "neg_elbo_per_value": 0.0, "kl": 0.0, "cross_entropy": 0.0, "errors": 0.0}
         nfe_forward, nfe_backward = [], []
+
         for step, index in enumerate(batches):
             batch = train.subset(index)
             out = self.model(batch.observed, times, batch.labels, options)
@@ -172,12 +174,14 @@ class LatentODETrainer:
             loss_value = float(loss.detach())
             if not math.isfinite(loss_value) or loss_value > cfg.train.divergence_threshold:
                 raise _Diverged(f"training loss {loss_value:g} at epoch {self.epoch + 1}, iteration {self.iteration}")
+
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.train.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.train.grad_clip)
             self.optimizer.step()
             self.iteration += 1
+
             count = len(batch)
             sums["loss"] += loss_value * count
             for key in ("neg_elbo_per_value", "kl", "cross_entropy"):
@@ -187,6 +191,7 @@ class LatentODETrainer:
             nfe_forward.append(out.stats.nfe_forward)
             nfe_backward.append(out.stats.nfe_backward)
             self._emit("on_iteration", step + 1, len(batches))
+
         n = len(train)
         row = {f"train_{key}": value / n for key, value in sums.items() if key != "errors"}
         row["train_error"] = sums["errors"] / n
@@ -260,7 +265,7 @@ class LatentODETrainer:
         )
         torch.save({"config": cfg.to_dict(), "model": self.model.state_dict()}, self.output_dir / "model.pt")
         if cfg.train.trajectory_spirals:
-            index = torch.arange(cfg.train.trajectory_spirals)
+            index = self.splits.test.alternating_indices(cfg.train.trajectory_spirals)
             trajectories = predict_trajectories(
                 self.model, self.splits.test.subset(index), solve_options(cfg.solver, evaluation=True),
                 cfg.data.extrapolate_points,
@@ -274,7 +279,7 @@ class LatentODETrainer:
         pd.DataFrame(self.history).to_csv(self.output_dir / "history.csv", index=False)
 
     def _write_metrics(self, result: TrainResult) -> None:
-        # metrics.json holds the float metrics plus the run's status, reason and config hash.
+        # metrics.json contains the float metrics plus the run's status, reason and config hash.
         record: dict[str, Any] = {"status": result.status, "reason": result.reason, "config_hash": self.config_hash}
         record.update(result.metrics)
         path = self.output_dir / "metrics.json"
@@ -291,7 +296,7 @@ def run_latent_ode(config: LatentODEConfig, output_dir: str | Path, callbacks: l
     """Train and test one LatentODE run; writes config.toml, history.csv, metrics.json, model.pt, trajectories.npz.
 
     ``result.metrics`` maps names to floats (NaN where a metric does not apply), and
-    ``result.history`` holds one dict per epoch. Torch runs on ``train.num_threads`` CPU threads
+    ``result.history`` contains one dict per epoch. Torch runs on ``train.num_threads`` CPU threads
     for the duration of the run.
     """
     previous_threads = torch.get_num_threads()
