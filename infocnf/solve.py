@@ -4,19 +4,25 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 import torch
 from torch import nn
+from torch.profiler import record_function
 from torchdiffeq import odeint, odeint_adjoint
 
 from .divergence import divergence_exact, divergence_hutchinson, draw_probe
 
-__all__ = ["SolveStats", "SolveError", "SolveResult", "SolveOptions", "solve_cnf", "SOLVE_STATUSES"]
+__all__ = ["SolveStats", "SolveError", "SolveResult", "SolveOptions", "solve_cnf", "SOLVE_STATUSES", "FIELD_RANGE"]
 
 # Outcomes of a solve other than "ok"; the grid runner records them per cell.
 SOLVE_STATUSES = ("ok", "step_size_underflow", "step_budget_exceeded", "non_finite", "timeout")
+
+# torch.profiler range around each evaluation of the field and its divergence, so that profiled
+# time can be attributed to the field (python -m bench does this).
+FIELD_RANGE = "infocnf.vector_field"
 
 VectorField = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -117,7 +123,9 @@ class _CNFDynamics(nn.Module):
                 raise SolveError("timeout", "the solve passed its time limit; raise train.time_limit_s or loosen the tolerance", self.stats)
         needs_graph = torch.is_grad_enabled()
         scale = self.sign * self.t1
-        with torch.enable_grad():
+        # Opened only while a profiler runs: record_function costs a dispatcher call even without one.
+        field_range = record_function(FIELD_RANGE) if torch.autograd._profiler_enabled() else nullcontext()
+        with torch.enable_grad(), field_range:
             # Without an outer graph, differentiate with respect to a fresh leaf. A view that
             # torchdiffeq made under no_grad (the adjoint's forward solve of an input that
             # requires grad) reports requires_grad but is not connected to any graph.
@@ -134,6 +142,10 @@ class _CNFDynamics(nn.Module):
         if not self.options.adjoint:
             dz = _BackwardCounter.apply(dz, self.stats)
         return dz, -div
+
+
+class _AdaptiveCNFDynamics(_CNFDynamics):
+    """Dynamics with torchdiffeq's step callbacks, which only adaptive solvers call (and accept)."""
 
     def callback_accept_step(self, t0, y0, dt):
         self.stats.accepted_steps += 1
@@ -179,7 +191,8 @@ def solve_cnf(
         raise ValueError(f"invalid tolerance atol={options.atol!r}, rtol={options.rtol!r}: both must be > 0")
     t1 = torch.as_tensor(t1, dtype=x.dtype, device=x.device)
     probe = draw_probe(x, options.probe) if options.divergence == "hutchinson" else None
-    dynamics = _CNFDynamics(field, t1, probe, stats, options, sign=-1.0 if reverse else 1.0)
+    dynamics_type = _AdaptiveCNFDynamics if options.adaptive else _CNFDynamics
+    dynamics = dynamics_type(field, t1, probe, stats, options, sign=-1.0 if reverse else 1.0)
     log_p0 = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
     s = torch.tensor([0.0, 1.0], dtype=x.dtype, device=x.device)
     solver_options = dict(options.extra)

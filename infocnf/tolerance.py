@@ -42,7 +42,7 @@ def make_solve_options(solver: SolverConfig, tolerance: float, deadline: float |
 @dataclass
 class _Decision:
     block: int
-    log10_tolerance: float
+    tolerance: float
     log_prob: torch.Tensor | None = None
 
 
@@ -55,17 +55,18 @@ class TolerancePlan:
     decisions: list[_Decision] = field(default_factory=list)
 
     def choose(self, block: int, x: torch.Tensor) -> tuple[float, torch.Tensor | None]:
+        """Return the tolerance for this block's solve and the log-probability of choosing it."""
         raise NotImplementedError
 
     def __call__(self, block: int, x: torch.Tensor) -> SolveOptions:
-        log10_tol, log_prob = self.choose(block, x)
-        self.decisions.append(_Decision(block, log10_tol, log_prob))
-        return make_solve_options(self.solver, 10.0**log10_tol, self.deadline)
+        tolerance, log_prob = self.choose(block, x)
+        self.decisions.append(_Decision(block, tolerance, log_prob))
+        return make_solve_options(self.solver, tolerance, self.deadline)
 
     @property
     def tolerances(self) -> list[float]:
         """Tolerance used by each solve of this plan, in call order."""
-        return [10.0**d.log10_tolerance for d in self.decisions]
+        return [d.tolerance for d in self.decisions]
 
 
 @dataclass
@@ -75,7 +76,7 @@ class FixedPlan(TolerancePlan):
     tolerance: float = 1e-5
 
     def choose(self, block: int, x: torch.Tensor) -> tuple[float, None]:
-        return math.log10(self.tolerance), None
+        return self.tolerance, None
 
 
 @dataclass
@@ -83,7 +84,7 @@ class _ListPlan(TolerancePlan):
     per_block: tuple[float, ...] = ()
 
     def choose(self, block: int, x: torch.Tensor) -> tuple[float, None]:
-        return math.log10(self.per_block[block]), None
+        return self.per_block[block], None
 
 
 class TolerancePolicy(nn.Module):
@@ -178,13 +179,13 @@ class _LearnedPlan(TolerancePlan):
     def choose(self, block: int, x: torch.Tensor) -> tuple[float, torch.Tensor | None]:
         mean, log_std = self.policy.distribution(block, x)
         if not self.sample:
-            return float(mean.detach().clamp(self.policy.log10_min, self.policy.log10_max)), None
+            return 10.0 ** float(mean.detach()), None
         dist = torch.distributions.Normal(mean, log_std.exp())
         action = dist.sample()
         # The clamp is part of the environment: the log-probability is of the sampled action,
         # and the solve uses the clamped value, so no tolerance is ever outside the range.
         log10_tol = float(action.clamp(self.policy.log10_min, self.policy.log10_max))
-        return log10_tol, dist.log_prob(action)
+        return 10.0**log10_tol, dist.log_prob(action)
 
 
 class LearnedPolicy(TolerancePolicy):
@@ -218,6 +219,9 @@ class LearnedPolicy(TolerancePolicy):
         self.log10_max = config.log10_max
         self.log10_init = config.log10_init
         self.init_log_std = config.init_log_std
+        # Logit of the initial mean's position in the range, so a zero gate output gives log10_init.
+        fraction = min(max((config.log10_init - config.log10_min) / (config.log10_max - config.log10_min), 1e-3), 1 - 1e-3)
+        self._mean_offset = math.log(fraction / (1 - fraction))
         self.config = config
         # Exponential moving average of each block's return, and how many returns it has seen.
         self.register_buffer("baseline", torch.zeros(len(block_shapes), dtype=torch.float64))
@@ -226,7 +230,10 @@ class LearnedPolicy(TolerancePolicy):
     def distribution(self, block: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Policy mean (log10 tolerance) and log-std for a block input of shape (batch, ...)."""
         out = self.gates[block](x.detach()).mean(dim=0)  # (2,): batch-averaged
-        mean = self.log10_init + out[0]
+        # A sigmoid keeps the mean inside [log10_min, log10_max]: past the clamp, a looser mean
+        # would change no solve, and REINFORCE would push it further without bound.
+        span = self.log10_max - self.log10_min
+        mean = self.log10_min + span * torch.sigmoid(self._mean_offset + out[0])
         log_std = (self.init_log_std + out[1]).clamp(-5.0, 2.0)
         return mean, log_std
 

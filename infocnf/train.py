@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -257,8 +258,23 @@ class Trainer:
                 row.update(_quantiles(list(column), f"train_log10_tol_block_{i}"))
         return row
 
+    @contextlib.contextmanager
+    def _policy_frozen(self):
+        # Gates in eval mode: their BatchNorm layers must not update running statistics on
+        # validation or test batches.
+        was_training = self.policy.training
+        self.policy.eval()
+        try:
+            yield
+        finally:
+            self.policy.train(was_training)
+
     def _evaluate(self, split_name: str, tolerance: float, observer=None) -> dict[str, float]:
         split = getattr(self.splits, split_name)
+        with self._policy_frozen():
+            return self._evaluate_unfrozen(split, tolerance, observer)
+
+    def _evaluate_unfrozen(self, split, tolerance: float, observer) -> dict[str, float]:
         return evaluate(
             self.model,
             split,
@@ -291,14 +307,15 @@ class Trainer:
         rows, means = [], {}
         for split_name in ("train", "test"):
             observer, samples = self._gate_observer(draws=20)
-            evaluate(
-                self.model,
-                getattr(self.splits, split_name),
-                lambda: FixedPlan(self.config.solver, tolerance=self.config.solver.eval_tolerance),
-                self.config.train.batch_size,
-                seed=self.config.seed + 11,
-                observer=observer,
-            )
+            with self._policy_frozen():
+                evaluate(
+                    self.model,
+                    getattr(self.splits, split_name),
+                    lambda: FixedPlan(self.config.solver, tolerance=self.config.solver.eval_tolerance),
+                    self.config.train.batch_size,
+                    seed=self.config.seed + 11,
+                    observer=observer,
+                )
             for block, values in sorted(samples.items()):
                 rows.extend({"split": split_name, "block": block, "log10_tolerance": v} for v in values)
                 means[f"{split_name}_log10_tol_block_{block}_mean"] = float(np.mean(values))
@@ -384,13 +401,14 @@ class Trainer:
             for key in ("bits_per_dim", "bits_per_dim_marginal", "error", "nfe_forward"):
                 metrics[f"test_{key}_at_{tol:g}"] = extra[key]
         if isinstance(self.policy, LearnedPolicy):
-            mean_eval = evaluate(
-                self.model,
-                self.splits.test,
-                lambda: self.policy.mean_plan(cfg.solver),
-                cfg.train.eval_batch_size,
-                seed=cfg.seed + 7,
-            )
+            with self._policy_frozen():
+                mean_eval = evaluate(
+                    self.model,
+                    self.splits.test,
+                    lambda: self.policy.mean_plan(cfg.solver),
+                    cfg.train.eval_batch_size,
+                    seed=cfg.seed + 7,
+                )
             for key in ("bits_per_dim", "error", "nfe_forward", "tolerance_min", "tolerance_max"):
                 metrics[f"test_{key}_at_gate_mean"] = mean_eval[key]
             metrics.update(self._write_tolerance_samples())
