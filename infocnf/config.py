@@ -277,6 +277,9 @@ class TrainConfig:
     # Wall-clock limit for the run in seconds; 0 means none.
     time_limit_s: float = 0.0
     device: str = "auto"
+    # torch intra-op threads for the run; 0 keeps torch's default (one per core). Small CPU
+    # models run best on 1, and two busy processes with 2 threads each oversubscribe 2 cores.
+    num_threads: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "lr_decay_epochs", tuple(int(e) for e in self.lr_decay_epochs))
@@ -305,6 +308,7 @@ class TrainConfig:
         _require(self.checkpoint_every >= 1, "train", "checkpoint_every", self.checkpoint_every, "an integer >= 1")
         _require(self.divergence_threshold > 0, "train", "divergence_threshold", self.divergence_threshold, "a value > 0")
         _require(self.time_limit_s >= 0, "train", "time_limit_s", self.time_limit_s, "seconds >= 0 (0 for no limit)")
+        _require(self.num_threads >= 0, "train", "num_threads", self.num_threads, "an integer >= 0 (0 for torch's default)")
         _require(
             self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
             "train",

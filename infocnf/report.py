@@ -258,9 +258,7 @@ def build_report(experiment: str, out_dir: str | Path, tracking_uri: str | None 
 
 
 def _density_check_section(out: Path, tracking_uri: str | None) -> list[str]:
-    """The latest 1-D density check from its own MLflow experiment, if one was run on this store."""
-    try:
-        from .density_check import report_section
-    except ImportError:
-        return []
+    """The latest density check recorded on the same store, or a line saying how to add one."""
+    from .density_check.tracking import report_section
+
     return report_section(out, tracking_uri)

@@ -113,12 +113,13 @@ def train_density_model(config: DensityCheckConfig,
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        loss_value = float(loss.detach())
         if on_iteration is not None:
-            on_iteration(iteration, float(loss))
+            on_iteration(iteration, loss_value)
         if iteration % cfg.log_every == 0 or iteration == cfg.iterations:
             nfe = sum(s.nfe_forward for s in out.stats)
             log.info("iteration %d/%d: loss %.4f nats, forward NFE %d, %.1f s", iteration, cfg.iterations,
-                     float(loss), nfe, time.monotonic() - start)
+                     loss_value, nfe, time.monotonic() - start)
     return model.eval()
 
 

@@ -12,12 +12,12 @@ from .sweep import choose_verdict_tolerance
 
 __all__ = ["format_verdict", "format_sweep_markdown", "plot_sweep", "write_sweep_outputs"]
 
-# |integral - 1| can be exactly 0 in float64; the log-scale plot shows such points at this floor.
+# |integral - 1| can be exactly 0 in float64, so the log-scale plot shows such points at this floor.
 _PLOT_FLOOR = 1e-17
 
 
 def format_verdict(table: pd.DataFrame, threshold: float) -> str:
-    """One line naming the recommended evaluation tolerance, or saying that none in the sweep qualifies."""
+    """Format one line that names the recommended evaluation tolerance, or states that none qualifies."""
     verdict = choose_verdict_tolerance(table, threshold)
     if verdict is None:
         return (f"Verdict: no swept tolerance keeps |∫p − 1| below {threshold:g} down to the tightest one; "
@@ -36,21 +36,25 @@ def format_sweep_markdown(table: pd.DataFrame, threshold: float) -> str:
     if table["label"].notna().any():
         shown["label"] = table["label"].map(lambda v: "" if pd.isna(v) else str(int(v)))
     shown["∫p (grid)"] = table["integral"].map(lambda v: "" if pd.isna(v) else f"{v:.10f}")
-    shown["|∫p − 1|"] = table["abs_error"].map(_scientific)
+    shown["\\|∫p − 1\\|"] = table["abs_error"].map(_scientific)
     shown["NFE"] = table["nfe"].map(lambda v: "" if pd.isna(v) else str(int(v)))
     shown["halved-grid gap"] = table["halved_grid_gap"].map(_scientific)
     if table["integral_quad"].notna().any():
         shown["∫p (quad)"] = table["integral_quad"].map(lambda v: "" if pd.isna(v) else f"{v:.10f}")
-        shown["|grid − quad|"] = table["quad_gap"].map(_scientific)
+        shown["\\|grid − quad\\|"] = table["quad_gap"].map(_scientific)
     if table["status"].ne("ok").any():
         shown["status"] = table["status"]
-    return shown.to_markdown(index=False) + "\n\n" + format_verdict(table, threshold) + "\n"
+    # A literal | inside a cell would end it, hence the escaped header names. disable_numparse keeps
+    # tabulate from reformatting the formatted numbers.
+    markdown = shown.to_markdown(index=False, disable_numparse=True, colalign=["right"] * len(shown.columns))
+    return markdown + "\n\n" + format_verdict(table, threshold) + "\n"
 
 
 def plot_sweep(table: pd.DataFrame, threshold: float, path: str | Path, title: str = "") -> None:
     """Save a log-log plot of |∫p − 1| (left, one line per label) and NFE (right) against tolerance."""
     # A bare Figure renders to files without pyplot, so no global backend or display is touched.
     from matplotlib.figure import Figure
+    from matplotlib.ticker import ScalarFormatter
 
     fig = Figure(figsize=(10, 4), layout="constrained")
     ax_error, ax_nfe = fig.subplots(1, 2)
@@ -73,6 +77,9 @@ def plot_sweep(table: pd.DataFrame, threshold: float, path: str | Path, title: s
     per_tolerance = table.groupby("tolerance")["nfe"].first()
     ax_nfe.plot(per_tolerance.index, per_tolerance.to_numpy(dtype=float), marker="o")
     ax_nfe.set(xscale="log", yscale="log", xlabel="tolerance (atol = rtol)", ylabel="forward NFE of the grid solve")
+    # NFE spans about one decade, where plain integers read better than powers of ten.
+    ax_nfe.yaxis.set_major_formatter(ScalarFormatter())
+    ax_nfe.yaxis.set_minor_formatter(ScalarFormatter())
     ax_nfe.invert_xaxis()
     if title:
         fig.suptitle(title)

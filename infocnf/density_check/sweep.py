@@ -23,7 +23,7 @@ __all__ = ["SWEEP_COLUMNS", "grid_points", "riemann_log_integral", "quad_integra
 log = logging.getLogger(__name__)
 
 # Columns of the sweep table, one row per (tolerance, label). The quad columns are NaN for 2-D data
-# or with sweep.quad off; label is <NA> for an unconditional model.
+# and at tolerances outside sweep.quad_tolerances. The label is <NA> for an unconditional model.
 SWEEP_COLUMNS = (
     "tolerance",
     "label",
@@ -65,22 +65,26 @@ def riemann_log_integral(log_p: torch.Tensor, log_cell_volume: float) -> float:
 
 
 def _halved_grid_log_integral(log_p: torch.Tensor, dim: int, points: int, log_cell_volume: float) -> float:
-    # Every other point on each axis is a grid of twice the width; for a smooth density that decays
-    # inside the box both sums converge fast, so their gap bounds the finer sum's discretisation error.
+    # Every other point on each axis forms a grid of twice the width. Both sums converge fast for a
+    # smooth density that decays inside the box, so their gap is a conservative estimate of the finer
+    # sum's error.
     coarse = log_p.reshape((points,) * dim)[(slice(None, None, 2),) * dim]
     return riemann_log_integral(coarse, log_cell_volume + dim * math.log(2.0))
 
 
 def quad_integral(model: DensityModel, label: int | None, options: SolveOptions, low: float, high: float,
-                  breakpoints: Sequence[float] = (), limit: int = 100,
+                  breakpoints: Sequence[float] = (), limit: int = 50, epsabs: float = 1e-6,
                   cache: dict[float, tuple[torch.Tensor, torch.Tensor]] | None = None) -> dict[str, float]:
     """Integrate p(x | label) of a 1-D model over [low, high] with scipy.integrate.quad.
 
-    Each point quad asks for is its own solve (a batch of one), so the adaptive step sizes differ
+    Each point quad requests is its own solve (a batch of one), so the adaptive step sizes differ
     from those of the batched grid solve. ``cache`` maps x to the flow output (z, delta_log_prob)
     so that the labels of one tolerance share solves. Returns integral, error_estimate,
     evaluations and message (empty when quad reports no problem).
     """
+    if model.dim != 1:
+        raise ValueError(f"quad integrates 1-D densities only, but the model has {model.dim} features; "
+                         "use the grid sum of sweep_tolerances for 2-D data")
     cache = {} if cache is None else cache
     parameter = next(model.parameters())
     labels = None if label is None else torch.tensor([label], device=parameter.device)
@@ -100,8 +104,8 @@ def quad_integral(model: DensityModel, label: int | None, options: SolveOptions,
     with torch.no_grad(), warnings.catch_warnings():
         # quad reports its problems through the returned message, which is kept in the table.
         warnings.simplefilter("ignore", integrate.IntegrationWarning)
-        result = integrate.quad(density, low, high, points=inside or None, limit=limit, epsabs=1e-12,
-                                epsrel=1e-11, full_output=1)
+        result = integrate.quad(density, low, high, points=inside or None, limit=limit, epsabs=epsabs,
+                                epsrel=0.0, full_output=1)
     message = result[3] if len(result) > 3 else ""
     return {"integral": result[0], "error_estimate": result[1], "evaluations": evaluations, "message": message}
 
@@ -120,17 +124,16 @@ def sweep_tolerances(model: DensityModel, sweep: SweepConfig, quad_breakpoints: 
     The model is copied to float64 so that round-off stays far below the tightest tolerance.
     At each tolerance the whole grid is one batch, solved once with exact divergence; a
     conditional model then gets one row per label from that same solve (the labels change only
-    the prior), and an unconditional one a single row with label <NA>. For 1-D data with
-    ``sweep.quad`` on, scipy.integrate.quad cross-checks each row, helped by ``quad_breakpoints``
-    (for example the mixture means). A failed grid solve gives rows with its status and NaN
-    values, and the sweep goes on. Columns are ``SWEEP_COLUMNS``.
+    the prior), and an unconditional one a single row with label <NA>. For 1-D data,
+    scipy.integrate.quad cross-checks the rows at ``sweep.quad_tolerances``, helped by
+    ``quad_breakpoints`` (for example the mixture means). A failed grid solve gives rows with
+    its status and NaN values, and the sweep goes on. Columns are ``SWEEP_COLUMNS``.
     """
     tolerances = validate_tolerances(sweep.tolerances)
     model = copy.deepcopy(model).double().eval()
     device = next(model.parameters()).device
     grid, log_cell_volume = grid_points(sweep, model.dim, torch.float64, device)
     labels = list(range(model.num_classes)) if model.conditional else [None]
-    use_quad = sweep.quad and model.dim == 1
     rows = []
     for tolerance in tolerances:
         options = SolveOptions(atol=tolerance, rtol=tolerance, method=sweep.method, divergence="exact",
@@ -154,12 +157,14 @@ def sweep_tolerances(model: DensityModel, sweep: SweepConfig, quad_breakpoints: 
             coarse = math.exp(_halved_grid_log_integral(log_p, model.dim, sweep.points, log_cell_volume))
             row = _row(tolerance, label, integral=integral, abs_error=abs(math.expm1(log_integral)), nfe=nfe,
                        halved_grid_gap=abs(integral - coarse), elapsed_s=elapsed_s)
-            if use_quad:
+            if model.dim == 1 and tolerance in sweep.quad_tolerances:
                 quad_start = time.monotonic()
                 try:
                     quad = quad_integral(model, label, options, sweep.low, sweep.high, quad_breakpoints,
-                                         sweep.quad_limit, cache)
+                                         sweep.quad_limit, max(sweep.quad_epsabs, 10 * tolerance), cache)
                 except SolveError as exc:
+                    log.warning("tolerance %g: a quad point solve failed (%s); the row keeps its grid sum", tolerance,
+                                exc)
                     row.update(message=f"quad: a point solve failed ({exc})")
                 else:
                     row.update(integral_quad=quad["integral"], quad_gap=abs(integral - quad["integral"]),
