@@ -167,6 +167,9 @@ class ToleranceConfig:
     # Adam learning rate of the gate parameters: a gate's output moves about this much in log10
     # tolerance per step, so it is higher than a typical flow learning rate.
     gate_lr: float = 1e-2
+    # Optimizer of the gates: "sgd" (momentum 0.9) keeps the step proportional to the REINFORCE
+    # gradient, so zero-mean reward noise averages out; Adam rescales noise to full-size steps.
+    gate_optimizer: str = "sgd"
     # Weight of the REINFORCE term in the total loss, and the reward scale per NFE.
     reinforce_weight: float = 1.0
     nfe_reward_scale: float = 0.01
@@ -204,6 +207,7 @@ class ToleranceConfig:
         )
         _require(self.gate_hidden >= 1, section, "gate_hidden", self.gate_hidden, "an integer >= 1")
         _require(self.gate_lr > 0, section, "gate_lr", self.gate_lr, "a learning rate > 0")
+        _require(self.gate_optimizer in ("sgd", "adam"), section, "gate_optimizer", self.gate_optimizer, "sgd or adam")
         _require(self.reinforce_weight >= 0, section, "reinforce_weight", self.reinforce_weight, "a weight >= 0")
         _require(self.nfe_reward_scale > 0, section, "nfe_reward_scale", self.nfe_reward_scale, "a scale > 0")
         _require(0 < self.discount <= 1, section, "discount", self.discount, "a discount in (0, 1]")

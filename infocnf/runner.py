@@ -6,13 +6,14 @@ import logging
 import re
 import subprocess
 import traceback
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from mlflow.entities import RunTag
 
-from .claims import MlflowClaimer
+from .claims import Claimer, MlflowClaimer
 from .grid import Cell, Grid
 from .tracking import TAG_PREFIX, MlflowCallback, open_tracking
 
@@ -75,6 +76,7 @@ def run_grid(
     retry_failed: bool = False,
     make_callbacks: Callable[[Cell, int], list[Any]] | None = None,
     on_run_done: Callable[[Cell, int, str], None] | None = None,
+    claimer: Claimer | None = None,
 ) -> GridSummary:
     """Run every (cell, seed) of ``grid`` not yet finished, logging each as one MLflow run.
 
@@ -82,23 +84,27 @@ def run_grid(
     MLflow run, and a failed run is recorded with status FAILED and its reason before the grid
     goes on. ``make_callbacks(cell, seed)`` adds trainer callbacks (progress bars, for example);
     ``on_run_done(cell, seed, outcome)`` is called after each (cell, seed), skipped ones included.
+    ``claimer`` decides which (cell, seed) pairs this process runs: by default all of them, in
+    grid order; an OptunaClaimer shares the grid with other workers.
     """
     experiment = experiment or grid.experiment
     client, uri, experiment_id = open_tracking(tracking_uri, experiment)
-    claimer = MlflowClaimer(client, experiment_id, retry_failed=retry_failed)
+    runs = MlflowClaimer(client, experiment_id, retry_failed=retry_failed)
+    claimer = claimer or runs
     summary = GridSummary(experiment, uri)
     commit = git_commit()
-    for cell in grid.cells:
-        for seed in grid.seeds:
+    # closing() hands back a claim still held when the loop stops early (an interrupt, a crash).
+    with closing(claimer.claims(grid, runs)) as claims:
+        for cell, seed, claim in claims:
             config_hash = cell.config_hash(seed)
-            claim = claimer.claim(grid.name, cell.cell_id, seed, config_hash)
             if claim.action == "skip":
                 log.info("skip %s seed %d: run %s %s", cell.cell_id, seed, claim.run_id, claim.reason)
                 summary.skipped += 1
+                claimer.release(cell, seed, "skipped")
                 if on_run_done:
                     on_run_done(cell, seed, "skipped")
                 continue
-            attempt = len(claimer.find_runs(grid.name, cell.cell_id, seed, config_hash)) if claim.action == "start" else 0
+            attempt = len(runs.find_runs(grid.name, cell.cell_id, seed, config_hash)) if claim.action == "start" else 0
             output_dir = run_directory(runs_dir, grid, cell, seed, attempt)
             if claim.action == "resume":
                 run_id = claim.run_id
@@ -139,6 +145,7 @@ def run_grid(
                 summary.failed += 1
                 summary.failures.append((cell.cell_id, seed, str(exc)))
                 log.error("failed %s seed %d: run %s: %s", cell.cell_id, seed, run_id, exc)
+                claimer.release(cell, seed, "error")
                 if on_run_done:
                     on_run_done(cell, seed, "failed")
                 continue
@@ -147,6 +154,7 @@ def run_grid(
                 summary.failed += 1
                 summary.failures.append((cell.cell_id, seed, f"{type(exc).__name__}: {exc}"))
                 log.error("failed %s seed %d: run %s crashed: %s", cell.cell_id, seed, run_id, exc)
+                claimer.release(cell, seed, "error")
                 if on_run_done:
                     on_run_done(cell, seed, "failed")
                 continue
@@ -157,6 +165,7 @@ def run_grid(
                 summary.failed += 1
                 summary.failures.append((cell.cell_id, seed, f"{result.status}: {result.reason}"))
                 log.warning("failed %s seed %d: run %s status %s: %s", cell.cell_id, seed, run_id, result.status, result.reason)
+            claimer.release(cell, seed, result.status)
             if on_run_done:
                 on_run_done(cell, seed, result.status)
     return summary

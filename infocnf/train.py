@@ -18,15 +18,26 @@ import torch
 
 from .config import RunConfig, config_hash, save_config
 from .data import DataSplits, dequantize, iterate_batches, load_splits, random_horizontal_flip
+from .distributed import join_process_group
 from .evaluate import evaluate, fit_diagonal_gaussian_bpd
 from .model import ConditionalCNF, build_model
 from .solve import SolveError
 from .tolerance import FixedPlan, LearnedPolicy, TolerancePolicy, build_policy
 
-__all__ = ["Trainer", "TrainResult", "TrainerCallback", "train_run", "resolve_device", "learning_rate_at", "seed_everything"]
+__all__ = [
+    "Trainer",
+    "TrainResult",
+    "TrainerCallback",
+    "train_run",
+    "resolve_device",
+    "learning_rate_at",
+    "seed_everything",
+    "RUN_STATUSES",
+]
 
 log = logging.getLogger(__name__)
 
+# Outcomes of a run: "finished", or the failure that ended it.
 RUN_STATUSES = ("finished", "diverged", "step_size_underflow", "step_budget_exceeded", "non_finite", "timeout", "out_of_memory")
 
 
@@ -100,7 +111,11 @@ class Trainer:
         self.config = config
         self.output_dir = Path(output_dir)
         self.callbacks = list(callbacks or [])
-        self.device = resolve_device(config.train.device)
+        # Under torchrun: this rank's place in the data-parallel run; None in a single process.
+        self.data_parallel = join_process_group(config.train.device)
+        self.device = self.data_parallel.device if self.data_parallel else resolve_device(config.train.device)
+        if config.train.num_threads:
+            torch.set_num_threads(config.train.num_threads)
         seed_everything(config.seed)
         self.splits = (splits or load_splits(config.data)).to(self.device)
         self.model: ConditionalCNF = build_model(
@@ -108,17 +123,28 @@ class Trainer:
         ).to(self.device)
         self.policy: TolerancePolicy = build_policy(config.solver.tolerance, self.model.block_shapes).to(self.device)
         groups = [{"params": [p for p in self.model.parameters() if p.requires_grad], "lr_scale": 1.0}]
+        self.optimizer = torch.optim.Adam(groups, lr=config.train.lr, weight_decay=config.train.weight_decay)
+        self.gate_optimizer: torch.optim.Optimizer | None = None
         gate_params = [p for p in self.policy.parameters() if p.requires_grad]
         if gate_params:
-            gate_scale = config.solver.tolerance.gate_lr / config.train.lr
-            groups.append({"params": gate_params, "lr_scale": gate_scale})
-        self.optimizer = torch.optim.Adam(groups, lr=config.train.lr, weight_decay=config.train.weight_decay)
+            tolerance = config.solver.tolerance
+            gate_group = [{"params": gate_params, "lr_scale": tolerance.gate_lr / config.train.lr}]
+            if tolerance.gate_optimizer == "sgd":
+                self.gate_optimizer = torch.optim.SGD(gate_group, lr=config.train.lr, momentum=0.9)
+            else:
+                self.gate_optimizer = torch.optim.Adam(gate_group, lr=config.train.lr)
+        if self.data_parallel:
+            self.data_parallel.wrap(self.model, self.policy, config.train.batch_size, config.seed)
         self.epoch = 0  # Epochs completed.
         self.iteration = 0
         self.history: list[dict[str, float]] = []
         self.best: dict[str, float] = {}
         self.elapsed_s = 0.0
         self.config_hash = config_hash(config)
+
+    @property
+    def _optimizers(self) -> list[torch.optim.Optimizer]:
+        return [self.optimizer] + ([self.gate_optimizer] if self.gate_optimizer is not None else [])
 
     # Checkpoints -------------------------------------------------------------------------------
 
@@ -132,6 +158,7 @@ class Trainer:
             "model": self.model.state_dict(),
             "policy": self.policy.state_dict(),
             "optimizer": self.optimizer.state_dict(),
+            "gate_optimizer": self.gate_optimizer.state_dict() if self.gate_optimizer else None,
             "epoch": self.epoch,
             "iteration": self.iteration,
             "history": self.history,
@@ -146,6 +173,8 @@ class Trainer:
         }
 
     def _save(self, name: str, state: dict[str, Any] | None = None) -> None:
+        if self.data_parallel and not self.data_parallel.is_main:
+            return
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         path = self.checkpoint_dir / name
         tmp = path.with_suffix(".tmp")
@@ -155,9 +184,9 @@ class Trainer:
     def resume(self) -> bool:
         """Load checkpoints/last.pt if present; returns whether training resumes from it."""
         path = self.checkpoint_dir / "last.pt"
-        if not path.is_file():
+        state = self._load(path)
+        if state is None:
             return False
-        state = torch.load(path, map_location=self.device, weights_only=False)
         if state["config_hash"] != self.config_hash:
             raise ValueError(
                 f"checkpoint {path} belongs to a different config (hash {state['config_hash']}, this run "
@@ -166,6 +195,8 @@ class Trainer:
         self.model.load_state_dict(state["model"])
         self.policy.load_state_dict(state["policy"])
         self.optimizer.load_state_dict(state["optimizer"])
+        if self.gate_optimizer is not None:
+            self.gate_optimizer.load_state_dict(state["gate_optimizer"])
         self.epoch, self.iteration = state["epoch"], state["iteration"]
         self.history, self.best, self.elapsed_s = state["history"], state["best"], state["elapsed_s"]
         random.setstate(state["rng"]["python"])
@@ -176,9 +207,17 @@ class Trainer:
         log.info("resumed from %s after epoch %d", path, self.epoch)
         return True
 
+    def _load(self, path: Path) -> dict[str, Any] | None:
+        # Under torchrun rank 0 reads the file and sends it to the other ranks.
+        if self.data_parallel:
+            return self.data_parallel.load(path)
+        return torch.load(path, map_location=self.device, weights_only=False) if path.is_file() else None
+
     # Events ----------------------------------------------------------------------------------
 
     def _emit(self, event: str, *args: Any) -> None:
+        if self.data_parallel and not self.data_parallel.is_main:
+            return
         for callback in self.callbacks:
             method = getattr(callback, event, None)
             if method is not None:
@@ -191,7 +230,7 @@ class Trainer:
         self.model.train()
         self.policy.train()
         sums: dict[str, float] = {"loss": 0.0, "nll_bpd": 0.0, "cross_entropy": 0.0, "errors": 0.0, "examples": 0.0}
-        nfe_fwd, nfe_bwd, tolerance_log10 = [], [], []
+        nfe_fwd, nfe_bwd = [], []
         block_fwd, block_bwd, block_tols = [], [], []
         batches = iterate_batches(
             self.splits.train, cfg.train.batch_size, shuffle=True, seed=cfg.seed * 100_003 + self.epoch, drop_last=True
@@ -199,29 +238,38 @@ class Trainer:
         per_epoch = max(1, len(self.splits.train) // cfg.train.batch_size)
         for step, (images, labels) in enumerate(batches):
             lr = learning_rate_at(cfg, self.epoch, self.iteration)
-            for group in self.optimizer.param_groups:
-                # The gates follow the same schedule, scaled to their own base rate.
-                group["lr"] = lr * group["lr_scale"]
+            for optimizer in self._optimizers:
+                for group in optimizer.param_groups:
+                    # The gates follow the same schedule, scaled to their own base rate.
+                    group["lr"] = lr * group["lr_scale"]
             x = dequantize(images, self.splits.levels)
             if self.splits.flip_train:
                 x = random_horizontal_flip(x)
             plan = self.policy.plan(cfg.solver, deadline)
-            out = self.model(x, labels, plan)
-            loss, parts = self.model.loss(out, labels)
-            loss_value = float(loss.detach())
+            if self.data_parallel:
+                # Every rank dequantises the whole global batch alike, then keeps its own rows.
+                x, labels = self.data_parallel.shard(x, labels)
+                out, loss, parts, loss_value = self.data_parallel.forward(x, labels, plan, self.iteration)
+            else:
+                out = self.model(x, labels, plan)
+                loss, parts = self.model.loss(out, labels)
+                loss_value = float(loss.detach())
             if not math.isfinite(loss_value) or loss_value > cfg.train.divergence_threshold:
                 raise _Diverged(f"training loss {loss_value:g} at epoch {self.epoch + 1}, iteration {self.iteration}")
             total = loss
             policy_loss = self.policy.policy_loss(plan, out.stats, loss)
             if policy_loss is not None:
                 total = total + policy_loss
-            self.optimizer.zero_grad(set_to_none=True)
+            for optimizer in self._optimizers:
+                optimizer.zero_grad(set_to_none=True)
             total.backward()
             if cfg.train.grad_clip > 0:
+                # The flow's gradient only: the gates' REINFORCE gradient has its own scale.
                 torch.nn.utils.clip_grad_norm_(
                     [p for g in self.optimizer.param_groups for p in g["params"]], cfg.train.grad_clip
                 )
-            self.optimizer.step()
+            for optimizer in self._optimizers:
+                optimizer.step()
             self.iteration += 1
 
             count = labels.shape[0]
@@ -237,7 +285,6 @@ class Trainer:
             block_fwd.append([s.nfe_forward for s in out.stats])
             block_bwd.append([s.nfe_backward for s in out.stats])
             block_tols.append([math.log10(s.atol) for s in out.stats])
-            tolerance_log10.extend(block_tols[-1])
             self._emit("on_iteration", step + 1, per_epoch)
 
         n = sums["examples"]
@@ -256,6 +303,8 @@ class Trainer:
         if isinstance(self.policy, LearnedPolicy):
             for i, column in enumerate(np.array(block_tols).T):
                 row.update(_quantiles(list(column), f"train_log10_tol_block_{i}"))
+        if self.data_parallel:
+            row = self.data_parallel.reduce_train_row(row, n)
         return row
 
     @contextlib.contextmanager
@@ -275,7 +324,9 @@ class Trainer:
             return self._evaluate_unfrozen(split, tolerance, observer)
 
     def _evaluate_unfrozen(self, split, tolerance: float, observer) -> dict[str, float]:
-        return evaluate(
+        # Under torchrun each rank scores its part of the split and the results are merged once.
+        run = self.data_parallel.evaluate if self.data_parallel else evaluate
+        return run(
             self.model,
             split,
             lambda: FixedPlan(self.config.solver, tolerance=tolerance),
@@ -285,7 +336,7 @@ class Trainer:
         )
 
     def _gate_observer(self, draws: int = 1) -> tuple[Any, dict[int, list[float]]]:
-        """An observer that samples each gate's tolerance on evaluation data, without using it."""
+        """Build an observer that samples each gate's tolerance on evaluation data without using it."""
         samples: dict[int, list[float]] = {}
         policy = self.policy
         if not isinstance(policy, LearnedPolicy):
@@ -319,7 +370,8 @@ class Trainer:
             for block, values in sorted(samples.items()):
                 rows.extend({"split": split_name, "block": block, "log10_tolerance": v} for v in values)
                 means[f"{split_name}_log10_tol_block_{block}_mean"] = float(np.mean(values))
-        pd.DataFrame(rows).to_csv(self.output_dir / "tolerances.csv", index=False)
+        if not self.data_parallel or self.data_parallel.is_main:
+            pd.DataFrame(rows).to_csv(self.output_dir / "tolerances.csv", index=False)
         return means
 
     def _select_value(self, val: dict[str, float]) -> float:
@@ -329,8 +381,9 @@ class Trainer:
     def fit(self, resume: bool = True) -> TrainResult:
         """Train to the configured number of epochs, then evaluate the selected model on test."""
         cfg = self.config
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, self.output_dir / "config.toml")
+        if not self.data_parallel or self.data_parallel.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.output_dir / "config.toml")
         if resume:
             self.resume()
         self._emit("on_start")
@@ -357,6 +410,9 @@ class Trainer:
                         self.best = {"select_value": self._select_value(val), "epoch": self.epoch}
                         self._save("best.pt")
                 self.elapsed_s = base_elapsed + (time.monotonic() - started)
+                if self.data_parallel:
+                    # Rank 0's clock decides the time limit, so every rank stops at the same epoch.
+                    self.elapsed_s = self.data_parallel.from_main(self.elapsed_s)
                 row["elapsed_s"] = self.elapsed_s
                 self.history.append(row)
                 if self.epoch % cfg.train.checkpoint_every == 0 or last:
@@ -383,9 +439,8 @@ class Trainer:
 
     def _final_metrics(self) -> dict[str, Any]:
         cfg = self.config
-        best_path = self.checkpoint_dir / "best.pt"
-        if best_path.is_file():
-            state = torch.load(best_path, map_location=self.device, weights_only=False)
+        state = self._load(self.checkpoint_dir / "best.pt")
+        if state is not None:
             self.model.load_state_dict(state["model"])
             self.policy.load_state_dict(state["policy"])
         metrics: dict[str, Any] = {"status": "finished", "selected_epoch": self.best.get("epoch", self.epoch)}
@@ -426,11 +481,15 @@ class Trainer:
         return metrics
 
     def _write_history(self) -> None:
+        if self.data_parallel and not self.data_parallel.is_main:
+            return
         import pandas as pd
 
         pd.DataFrame(self.history).to_csv(self.output_dir / "history.csv", index=False)
 
     def _write_metrics(self, result: TrainResult) -> None:
+        if self.data_parallel and not self.data_parallel.is_main:
+            return
         path = self.output_dir / "metrics.json"
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(result.metrics, indent=2, sort_keys=True, default=float))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 
 __all__ = ["register"]
 
@@ -30,14 +31,41 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--dry-run", action="store_true", help="validate and print the plan, run nothing")
     parser.add_argument("--report", metavar="DIR", help="write the report into DIR when the grid is done")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    shared = parser.add_argument_group(
+        "several workers", "Start the same command on every worker: each claims runs from a queue in --storage."
+    )
+    shared.add_argument(
+        "--storage",
+        metavar="URL",
+        help="Optuna storage that shares the grid among workers: sqlite:///PATH or journal:PATH for processes "
+        "on one machine, postgresql://USER:PASSWORD@HOST:PORT/DATABASE or mysql://... for several machines",
+    )
+    shared.add_argument(
+        "--study",
+        help="Optuna study that holds the queue (default: the grid name and a hash of its runs); a new name "
+        "queues the grid again, for example with --retry-failed",
+    )
+    shared.add_argument("--heartbeat-interval", type=int, default=60, metavar="SECONDS",
+                        help="seconds between heartbeats of a running cell in an RDB storage (default: 60)")
+    shared.add_argument("--grace-period", type=int, default=300, metavar="SECONDS",
+                        help="seconds without a heartbeat after which another worker takes over the cell (default: 300)")
+    shared.add_argument("--no-wait", action="store_true",
+                        help="leave when no cell is queued, instead of waiting to take over cells of workers that die")
     parser.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..distributed import launched_by_torchrun
     from ..grid import load_grid
 
     grid = load_grid(args.grid)
     experiment = args.experiment or grid.experiment
+    # Under torchrun every rank runs this command: rank 0 prints, claims runs and logs them.
+    if launched_by_torchrun() and os.environ.get("RANK", "0") != "0" and not args.dry_run:
+        from ..distributed import run_grid_data_parallel
+
+        run_grid_data_parallel(grid, tracking_uri=args.tracking_uri, experiment=experiment, runs_dir=args.runs_dir)
+        return 0
     print(f"grid {grid.name} ({grid.path}): {len(grid.cells)} cells x {len(grid.seeds)} seeds = {grid.num_runs} runs")
     for factor in grid.factors:
         print(f"  {factor.name}: {', '.join(level.name for level in factor.levels)}")
@@ -48,7 +76,24 @@ def run(args: argparse.Namespace) -> int:
             print(f"  cell {cell.cell_id}")
         return 0
 
+    from ..distributed import run_grid_data_parallel
     from ..runner import run_grid
+
+    claimer = None
+    if args.storage:
+        from ..claims import OptunaClaimer
+        from ..work_queue import open_shared_tracking
+
+        open_shared_tracking(args.tracking_uri, experiment)
+        claimer = OptunaClaimer(
+            args.storage,
+            study_name=args.study,
+            heartbeat_interval_s=args.heartbeat_interval,
+            grace_period_s=args.grace_period,
+            wait_for_running=not args.no_wait,
+        )
+    elif args.study:
+        raise ValueError(f"--study {args.study} names a study in an Optuna storage; pass --storage URL too")
 
     make_callbacks, on_done, bar = None, None, None
     if not args.no_progress:
@@ -56,7 +101,9 @@ def run(args: argparse.Namespace) -> int:
 
         from ..progress import EpochProgress
 
-        bar = tqdm(total=grid.num_runs, desc="runs", unit="run", position=0, dynamic_ncols=True)
+        # With --storage this worker runs a share of the grid of unknown size.
+        total = None if claimer else grid.num_runs
+        bar = tqdm(total=total, desc="runs", unit="run", position=0, dynamic_ncols=True)
 
         def make_callbacks(cell, seed):
             bar.set_postfix_str(f"{cell.cell_id} seed={seed}")
@@ -66,7 +113,8 @@ def run(args: argparse.Namespace) -> int:
             bar.update(1)
 
     try:
-        summary = run_grid(
+        # Under torchrun each run trains data-parallel over all ranks.
+        summary = (run_grid_data_parallel if launched_by_torchrun() else run_grid)(
             grid,
             tracking_uri=args.tracking_uri,
             experiment=experiment,
@@ -74,6 +122,7 @@ def run(args: argparse.Namespace) -> int:
             retry_failed=args.retry_failed,
             make_callbacks=make_callbacks,
             on_run_done=on_done,
+            claimer=claimer,
         )
     finally:
         if bar is not None:
