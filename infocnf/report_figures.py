@@ -56,7 +56,8 @@ def plot_curves(experiment: str, runs: pd.DataFrame, out: Path, tracking_uri: st
         ax.set_xlabel("epoch")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
+    # Unconditional cells have no test error, so the legend goes on the panel with the most lines.
+    max(axes, key=lambda a: len(a.get_lines())).legend(fontsize=7)
     fig.suptitle(f"{experiment}: mean over seeds, band = ±1 std")
     fig.tight_layout()
     path = out / "curves.png"
@@ -103,7 +104,7 @@ def plot_tolerance_distributions(
         ax.plot([], [], color="tab:blue", label="train")
         ax.plot([], [], color="tab:orange", label="test")
         ax.legend()
-        ax.set_title(f"{cell_id}: learned tolerances ({len(frames)} seeds)", fontsize=9)
+        ax.set_title(f"learned tolerances, {len(frames)} seeds\n{cell_id.replace(',', ', ')}", fontsize=9)
         fig.tight_layout()
         path = out / f"tolerances_{_safe(cell_id)}.png"
         fig.savefig(path, dpi=110)
