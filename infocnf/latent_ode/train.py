@@ -298,6 +298,9 @@ def run_latent_ode(config: LatentODEConfig, output_dir: str | Path, callbacks: l
     ``result.metrics`` maps names to floats (NaN where a metric does not apply), and
     ``result.history`` contains one dict per epoch. Torch runs on ``train.num_threads`` CPU threads
     for the duration of the run.
+
+    NOTE: a LatentODE run keeps no checkpoint, so a grid cell interrupted mid-run starts again
+    from epoch 1 when the grid resumes it.
     """
     previous_threads = torch.get_num_threads()
     if config.train.num_threads:
