@@ -26,8 +26,8 @@ class _ConcatLinear(nn.Module):
         super().__init__()
         self.linear = nn.Linear(dim_in + 1, dim_out)
 
-    def forward(self, t: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        tt = t.expand(h.shape[0], 1).to(h)  # (batch, 1)
+    def forward(self, tt: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """Map h (batch, dim_in) and the time column tt (batch, 1) to (batch, dim_out)."""
         return self.linear(torch.cat([h, tt], dim=1))
 
 
@@ -41,9 +41,11 @@ class MLPField(nn.Module):
         self.activation = make_activation(activation)
 
     def forward(self, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        # The time column is the same for every layer, so it is built once per evaluation.
+        tt = t.to(z).expand(z.shape[0], 1)  # (batch, 1)
         h = z
         for i, layer in enumerate(self.layers):
-            h = layer(t, h)
+            h = layer(tt, h)
             if i < len(self.layers) - 1:
                 h = self.activation(h)
         return h
@@ -56,8 +58,8 @@ class _ConcatConv2d(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(channels_in + 1, channels_out, kernel_size=3, padding=1)
 
-    def forward(self, t: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        tt = t.to(h).expand(h.shape[0], 1, h.shape[2], h.shape[3])  # (batch, 1, height, width)
+    def forward(self, tt: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """Map h (batch, channels_in, height, width) and the time channel tt (batch, 1, height, width)."""
         return self.conv(torch.cat([h, tt], dim=1))
 
 
@@ -75,9 +77,12 @@ class ConvField(nn.Module):
         self.activation = make_activation(activation)
 
     def forward(self, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        # 3x3 convolutions with padding 1 keep the height and width, so every layer takes the
+        # same time channel, built once per evaluation.
+        tt = t.to(z).expand(z.shape[0], 1, z.shape[2], z.shape[3])  # (batch, 1, height, width)
         h = z
         for i, layer in enumerate(self.layers):
-            h = layer(t, h)
+            h = layer(tt, h)
             if i < len(self.layers) - 1:
                 h = self.activation(h)
         return h

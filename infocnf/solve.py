@@ -15,14 +15,20 @@ from torchdiffeq import odeint, odeint_adjoint
 
 from .divergence import divergence_exact, divergence_hutchinson, draw_probe
 
-__all__ = ["SolveStats", "SolveError", "SolveResult", "SolveOptions", "solve_cnf", "SOLVE_STATUSES", "FIELD_RANGE"]
+__all__ = ["SolveStats", "SolveError", "SolveResult", "SolveOptions", "solve_cnf", "SOLVE_STATUSES", "FIELD_RANGE", "SOLVE_RANGE"]
 
 # Outcomes of a solve other than "ok"; the grid runner records them per cell.
 SOLVE_STATUSES = ("ok", "step_size_underflow", "step_budget_exceeded", "non_finite", "timeout")
 
-# torch.profiler range around each evaluation of the field and its divergence, so that profiled
-# time can be attributed to the field (python -m bench does this).
+# torch.profiler ranges around each evaluation of the field and its divergence, and around each
+# whole solve, so that profiled time can be attributed to them (python -m bench does this).
 FIELD_RANGE = "infocnf.vector_field"
+SOLVE_RANGE = "infocnf.solve"
+
+
+def _profiled_range(name: str):
+    # Opened only while a profiler runs: record_function costs a dispatcher call even without one.
+    return record_function(name) if torch.autograd._profiler_enabled() else nullcontext()
 
 VectorField = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -80,25 +86,13 @@ class SolveOptions:
     extra: dict = field(default_factory=dict)
 
 
-class _BackwardCounter(torch.autograd.Function):
-    """Identity whose backward increments a counter: one backward pass of the vector field."""
-
-    @staticmethod
-    def forward(ctx, x, box):
-        ctx.box = box
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        ctx.box.nfe_backward += 1
-        return grad, None
-
-
 class _CNFDynamics(nn.Module):
-    """Augmented dynamics (z, log p) of one solve. Lives only as long as that solve's graph.
+    """Augmented dynamics (z, +divergence) of one solve. Lives only as long as that solve's graph.
 
     Solving s in [0, 1] with d z/ds = t1 f(s t1, z) is the same ODE as t in [0, t1] and lets the
-    gradient reach a learned end time t1 through ordinary autograd.
+    gradient reach a learned end time t1 through ordinary autograd. The second state integrates
+    +tr(d(dz/ds)/dz), and solve_cnf negates it once at the end instead of at every evaluation.
+    The solver's error norms ignore the sign, so the steps are the same.
     """
 
     def __init__(self, field: nn.Module, t1: torch.Tensor, probe: torch.Tensor | None, stats: SolveStats,
@@ -110,6 +104,8 @@ class _CNFDynamics(nn.Module):
         self.stats = stats
         self.options = options
         self.sign = sign
+        # The same for every evaluation, so computed once per solve.
+        self.scale = sign * t1
         self.forward_done = False
 
     def forward(self, s: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]):
@@ -122,26 +118,28 @@ class _CNFDynamics(nn.Module):
             if self.options.deadline is not None and time.monotonic() > self.options.deadline:
                 raise SolveError("timeout", "the solve passed its time limit; raise train.time_limit_s or loosen the tolerance", self.stats)
         needs_graph = torch.is_grad_enabled()
-        scale = self.sign * self.t1
-        # Opened only while a profiler runs: record_function costs a dispatcher call even without one.
-        field_range = record_function(FIELD_RANGE) if torch.autograd._profiler_enabled() else nullcontext()
-        with torch.enable_grad(), field_range:
+        with torch.enable_grad(), _profiled_range(FIELD_RANGE):
             # Without an outer graph, differentiate with respect to a fresh leaf. A view that
             # torchdiffeq made under no_grad (the adjoint's forward solve of an input that
             # requires grad) reports requires_grad but is not connected to any graph.
             if not (needs_graph and z.requires_grad):
                 z = z.detach().requires_grad_(True)
             t = (1.0 - s if self.sign < 0 else s) * self.t1
-            dz = scale * self.field(t, z)
+            dz = self.scale * self.field(t, z)
             if self.options.divergence == "exact":
                 div = divergence_exact(dz, z, create_graph=needs_graph)
             else:
                 div = divergence_hutchinson(dz, z, self.probe, create_graph=needs_graph)
         if not needs_graph:
-            return dz.detach(), -div.detach()
+            return dz.detach(), div.detach()
         if not self.options.adjoint:
-            dz = _BackwardCounter.apply(dz, self.stats)
-        return dz, -div
+            # Runs once per backward pass through this evaluation. A tensor hook costs less per
+            # evaluation than an identity autograd.Function, whose backward is a Python node.
+            dz.register_hook(self._count_backward)
+        return dz, div
+
+    def _count_backward(self, grad: torch.Tensor) -> None:
+        self.stats.nfe_backward += 1
 
 
 class _AdaptiveCNFDynamics(_CNFDynamics):
@@ -204,22 +202,25 @@ def solve_cnf(
     # so a learned tolerance reaches its gate through REINFORCE, not through the solve.
     kwargs = dict(rtol=float(options.rtol), atol=float(options.atol), method=options.method, options=solver_options)
     try:
-        if options.adjoint:
-            params = tuple(p for p in dynamics.parameters() if p.requires_grad)
-            # A learned end time enters the dynamics as a tensor, not a parameter of the field, so
-            # the adjoint computes its gradient only when it is listed here.
-            if t1.requires_grad:
-                params = params + (t1,)
-            z_path, logp_path = odeint_adjoint(dynamics, (x, log_p0), s, adjoint_params=params, **kwargs)
-        else:
-            z_path, logp_path = odeint(dynamics, (x, log_p0), s, **kwargs)
+        with _profiled_range(SOLVE_RANGE):
+            if options.adjoint:
+                params = tuple(p for p in dynamics.parameters() if p.requires_grad)
+                # A learned end time enters the dynamics as a tensor, not a parameter of the field, so
+                # the adjoint computes its gradient only when it is listed here.
+                if t1.requires_grad:
+                    params = params + (t1,)
+                z_path, logp_path = odeint_adjoint(dynamics, (x, log_p0), s, adjoint_params=params, **kwargs)
+            else:
+                z_path, logp_path = odeint(dynamics, (x, log_p0), s, **kwargs)
     except AssertionError as exc:
         error = _classify_assertion(exc, options)
         error.stats = stats
         raise error from exc
     dynamics.forward_done = True
-    z, delta_log_prob = z_path[-1], logp_path[-1]
-    if not bool(torch.isfinite(z).all()) or not bool(torch.isfinite(delta_log_prob).all()):
+    # The dynamics integrate +divergence; delta_log_prob is its negative (see _CNFDynamics).
+    z, delta_log_prob = z_path[-1], -logp_path[-1]
+    # One host-device synchronisation for both checks.
+    if not bool(torch.isfinite(z).all() & torch.isfinite(delta_log_prob).all()):
         raise SolveError(
             "non_finite",
             "the state or log-density became NaN or infinite; lower the learning rate or tighten the gradient clip",
