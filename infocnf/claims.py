@@ -54,7 +54,7 @@ FAILURE_STATUSES = ("diverged", "step_size_underflow", "step_budget_exceeded", "
 
 @dataclass(frozen=True)
 class Claim:
-    """What to do for one (cell, seed): action is "skip", "resume" or "start"; run_id for skip/resume."""
+    """Decision for one (cell, seed): action "skip", "resume" or "start", with run_id for skip and resume."""
 
     action: str
     run_id: str | None = None

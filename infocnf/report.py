@@ -258,7 +258,7 @@ def build_report(experiment: str, out_dir: str | Path, tracking_uri: str | None 
 
 
 def _density_check_section(out: Path, tracking_uri: str | None) -> list[str]:
-    """The latest density check recorded on the same store, or a line saying how to add one."""
+    """Build the section of the latest density check on the same store, or a line saying how to add one."""
     from .density_check.tracking import report_section
 
     return report_section(out, tracking_uri)

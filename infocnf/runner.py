@@ -38,7 +38,7 @@ class GridSummary:
 
 
 def git_commit() -> str:
-    """The commit of the working tree this code runs from, or "unknown" outside a git checkout."""
+    """Return the commit of the working tree this code runs from, or "unknown" outside a git checkout."""
     try:
         out = subprocess.run(
             ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, cwd=Path(__file__).parent

@@ -30,7 +30,7 @@ _BATCH_METRICS = 1000  # MLflow's limit of metrics per log_batch call.
 
 
 def default_tracking_uri() -> str:
-    """A SQLite store ``mlflow.db`` in the working directory, as MLflow itself defaults to."""
+    """Return the URI of a SQLite store ``mlflow.db`` in the working directory, MLflow's own default."""
     return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
 
 
@@ -72,7 +72,7 @@ def _check_server(uri: str) -> None:
         urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=10).read()
     except (urllib.error.URLError, OSError) as exc:
         raise ValueError(
-            f"cannot open MLflow tracking store {uri}: no server answered ({exc}); start one with "
+            f"cannot open MLflow tracking store {uri}: no server responded ({exc}); start one with "
             f"`mlflow server --host 127.0.0.1 --port PORT` or pass another --tracking-uri"
         ) from exc
 

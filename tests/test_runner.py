@@ -117,7 +117,7 @@ def test_run_grid_bad_store_raises_clear_error(tmp_path):
     grid = _tiny_grid()
     with pytest.raises(ValueError, match="cannot open MLflow tracking store .*does not exist"):
         run_grid(grid, f"sqlite:///{tmp_path / 'missing' / 'mlflow.db'}", "exp", runs_dir=tmp_path / "runs")
-    with pytest.raises(ValueError, match="no server answered"):
+    with pytest.raises(ValueError, match="no server responded"):
         run_grid(grid, "http://127.0.0.1:9", "exp", runs_dir=tmp_path / "runs")
 
 
