@@ -378,6 +378,10 @@ def _build(cls: type, raw: Any, section: str) -> Any:
     known = {f.name: f for f in fields(cls)}
     unknown = sorted(set(raw) - set(known))
     if unknown:
+        if section == "run":
+            raise ValueError(
+                f"unknown setting {unknown[0]!r}: a run config has the keys {', '.join(sorted(known))}"
+            )
         raise ValueError(
             f"unknown setting {section}.{unknown[0]}: the [{section}] table accepts {', '.join(sorted(known))}"
         )

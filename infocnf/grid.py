@@ -177,7 +177,14 @@ def parse_grid(raw: dict[str, Any], path: str = "<grid>") -> Grid:
 
     cells = _expand(path, kind, base, factors, rules, seeds, errors)
     if errors:
-        raise GridError("invalid grid file:\n  " + "\n  ".join(errors))
+        # A bad setting shared by many cells is reported once, for its first cell.
+        unique, seen = [], set()
+        for error in errors:
+            key = error.split(": ", 2)[-1]
+            if key not in seen:
+                seen.add(key)
+                unique.append(error)
+        raise GridError("invalid grid file:\n  " + "\n  ".join(unique))
     if not cells:
         raise GridError(f"invalid grid file:\n  {path}: every combination is excluded; nothing to run")
     return Grid(name, path, experiment, kind, tuple(factors), tuple(seeds), tuple(cells), base)

@@ -34,7 +34,12 @@ def load_runs(experiment: str, tracking_uri: str | None = None) -> pd.DataFrame:
     Columns: run_id, cell_id, seed, status (the harness outcome), batch_size, conditioning,
     tolerance, lr, and every final_* metric under its MLflow name.
     """
-    client, _, experiment_id = open_tracking(tracking_uri, experiment)
+    client, uri, experiment_id = open_tracking(tracking_uri, experiment, create=False)
+    if experiment_id is None:
+        raise ValueError(
+            f"experiment {experiment!r} not found in the MLflow store {uri}; run `infocnf ablate GRID` first, "
+            f"or check --experiment and --tracking-uri"
+        )
     rows = []
     page_token = None
     while True:
@@ -205,10 +210,10 @@ def build_report(experiment: str, out_dir: str | Path, tracking_uri: str | None 
     from .report_figures import plot_curves, plot_tolerance_distributions
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     runs = load_runs(experiment, tracking_uri)
     if runs.empty:
         raise ValueError(f"experiment {experiment!r} has no runs; run `infocnf ablate GRID` first or check --experiment")
+    out.mkdir(parents=True, exist_ok=True)
     cnf_runs = runs[runs["kind"] == "cnf"]
     table = aggregate_table(cnf_runs) if not cnf_runs.empty else pd.DataFrame()
     sections = [f"# Report: {experiment}", ""]
@@ -247,7 +252,10 @@ def build_report(experiment: str, out_dir: str | Path, tracking_uri: str | None 
     failures = runs[runs["status"] != "finished"][["cell_id", "seed", "status", "reason", "run_id"]]
     counts = runs.assign(failed=runs["status"] != "finished").groupby("cell_id")["failed"].sum().astype(int)
     counts.to_frame("failed runs").to_csv(out / "failures.csv")
-    sections += ["## Failed or unfinished runs per cell", "", counts.to_frame("failed runs").to_markdown(), ""]
+    if counts.sum() == 0:
+        sections += ["## Failed or unfinished runs", "", f"None: all {len(runs)} runs finished.", ""]
+    else:
+        sections += ["## Failed or unfinished runs per cell", "", counts.to_frame("failed runs").to_markdown(), ""]
     if not failures.empty:
         failures = failures.assign(reason=failures["reason"].map(lambda r: (r.splitlines() or [""])[0][:200]))
         sections += [failures.to_markdown(index=False), ""]

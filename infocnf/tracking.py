@@ -34,9 +34,10 @@ def default_tracking_uri() -> str:
     return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
 
 
-def open_tracking(uri: str | None, experiment: str) -> tuple[MlflowClient, str, str]:
-    """Open the tracking store and get or create the experiment; returns (client, uri, experiment id).
+def open_tracking(uri: str | None, experiment: str, create: bool = True) -> tuple[MlflowClient, str, str | None]:
+    """Open the tracking store and get (or create) the experiment; returns (client, uri, experiment id).
 
+    With ``create=False`` a missing experiment gives None as its id and the store is only read.
     Raises ValueError naming the URI when the store cannot be opened.
     """
     uri = uri or default_tracking_uri()
@@ -53,7 +54,13 @@ def open_tracking(uri: str | None, experiment: str) -> tuple[MlflowClient, str, 
     client = MlflowClient(uri)
     try:
         found = client.get_experiment_by_name(experiment)
-        experiment_id = found.experiment_id if found is not None else client.create_experiment(experiment)
+        if found is None and not create:
+            return client, uri, None
+        experiment_id = (
+            found.experiment_id
+            if found is not None
+            else client.create_experiment(experiment, artifact_location=_artifact_location(uri, experiment))
+        )
         if found is not None and found.lifecycle_stage == "deleted":
             client.restore_experiment(experiment_id)
     except Exception as exc:  # MLflow raises many types here: SQLAlchemy, REST, file errors.
@@ -62,6 +69,15 @@ def open_tracking(uri: str | None, experiment: str) -> tuple[MlflowClient, str, 
             f"(a sqlite:///PATH file, a database URI or a running server's http://HOST:PORT)"
         ) from exc
     return client, uri, experiment_id
+
+
+def _artifact_location(uri: str, experiment: str) -> str | None:
+    # MLflow puts a SQLite store's artifacts under ./mlruns of the working directory; keep them
+    # beside the database instead, so a store and its artifacts move together.
+    if uri.startswith("sqlite:///"):
+        folder = Path(uri[len("sqlite:///") :]).parent / "mlartifacts" / experiment
+        return folder.resolve().as_uri()
+    return None
 
 
 def _check_server(uri: str) -> None:

@@ -492,7 +492,9 @@ class Trainer:
             return
         path = self.output_dir / "metrics.json"
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(result.metrics, indent=2, sort_keys=True, default=float))
+        # Strict JSON: NaN (a metric that does not apply, such as an unconditional model's error) becomes null.
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in result.metrics.items()}
+        tmp.write_text(json.dumps(clean, indent=2, sort_keys=True, default=float, allow_nan=False))
         os.replace(tmp, path)
 
 

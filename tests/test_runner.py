@@ -180,3 +180,20 @@ def test_ablate_killed_midway_completes_on_rerun(tmp_path):
     _, runs = _runs(tmp_path, "infocnf-kill")
     assert len(runs) == 4
     assert {r.data.tags[TAG_PREFIX + "status"] for r in runs} == {"finished"}
+
+
+def test_report_unknown_experiment_creates_nothing(tmp_path):
+    uri = _uri(tmp_path)
+    open_tracking(uri, "exists")
+    with pytest.raises(ValueError, match="experiment 'nope' not found in the MLflow store"):
+        build_report("nope", tmp_path / "out", tracking_uri=uri)
+    assert not (tmp_path / "out").exists()
+    assert MlflowClient(uri).get_experiment_by_name("nope") is None
+
+
+def test_sqlite_store_keeps_artifacts_beside_database(tmp_path):
+    grid = _tiny_grid()
+    run_grid(grid, _uri(tmp_path), "exp", runs_dir=tmp_path / "runs")
+    client, runs = _runs(tmp_path, "exp")
+    for run in runs:
+        assert run.info.artifact_uri.startswith((tmp_path / "mlartifacts").as_uri())

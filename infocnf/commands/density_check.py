@@ -49,7 +49,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=[],
         metavar="KEY=VALUE",
         help="override a config field, in TOML syntax, for example --set sweep.threshold=1e-4 "
-        "--set 'sweep.tolerances=[1e-3, 1e-5, 1e-7]' --set conditioning.method=ccnf (repeatable). "
+        "--set 'sweep.tolerances=[1e-3, 1e-5, 1e-8]' --set conditioning.method=ccnf (repeatable). "
         "Each tolerance sets atol = rtol of a solve, and sweep.threshold bounds |∫p - 1|, a unitless "
         "number. sweep.low and sweep.high are in data units, sweep.points counts grid points per axis, and "
         "train.iterations counts Adam steps",

@@ -70,8 +70,10 @@ def log_density_check(
 
 def report_section(out: Path, tracking_uri: str | None) -> list[str]:
     """Markdown lines with the latest density check on this store, copying its table and plot."""
-    client, _, experiment_id = open_tracking(tracking_uri, DENSITY_CHECK_EXPERIMENT)
-    runs = client.search_runs([experiment_id], order_by=["attributes.start_time DESC"], max_results=20)
+    client, _, experiment_id = open_tracking(tracking_uri, DENSITY_CHECK_EXPERIMENT, create=False)
+    runs = []
+    if experiment_id is not None:
+        runs = client.search_runs([experiment_id], order_by=["attributes.start_time DESC"], max_results=20)
     runs = [r for r in runs if r.info.status == "FINISHED"]
     if not runs:
         return [
