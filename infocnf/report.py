@@ -204,6 +204,11 @@ _SIGN_NOTE = (
 )
 
 
+def _latex_symbols(text: str) -> str:
+    # Plain pdflatex rejects these Unicode characters; use their LaTeX commands.
+    return text.replace("±", r"$\pm$").replace("Δ", r"$\Delta$").replace("–", "--")
+
+
 def build_report(experiment: str, out_dir: str | Path, tracking_uri: str | None = None) -> Path:
     """Write Table 1 (Markdown, CSV, LaTeX), failures, figures and index.md; returns the index path."""
     from .latent_ode.report import latent_ode_section
@@ -224,7 +229,7 @@ def build_report(experiment: str, out_dir: str | Path, tracking_uri: str | None 
         pretty = format_table(table)
         table.to_csv(out / "table1.csv", index=False)
         (out / "table1.md").write_text(pretty.to_markdown(index=False, disable_numparse=True) + "\n\n" + _SIGN_NOTE + "\n")
-        (out / "table1.tex").write_text(pretty.to_latex(index=False, escape=True))
+        (out / "table1.tex").write_text(_latex_symbols(pretty.to_latex(index=False, escape=True)))
         sections += ["## Table 1", "", pretty.to_markdown(index=False, disable_numparse=True), "", _SIGN_NOTE, "",
                      "Files: [table1.md](table1.md), [table1.csv](table1.csv) (raw means and stds), "
                      "[table1.tex](table1.tex).", ""]

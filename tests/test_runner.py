@@ -146,6 +146,9 @@ def test_report_end_to_end_matches_mlflow_values(tmp_path):
         assert row["seeds"] == 2
     base = table[(table["conditioning"] == "ccnf") & (table["tolerance"] == "fixed")].iloc[0]
     assert base["Δ error (points)"] == 0
+    latex = (tmp_path / "report" / "table1.tex").read_text()
+    assert r"$\pm$" in latex
+    assert all(symbol not in latex for symbol in "±Δ–")
 
 
 def _ablate(grid_path, tmp_path, env):
