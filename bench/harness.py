@@ -33,7 +33,7 @@ class PairedClock:
     processes. A trainer iteration is timed from the end of one event to the start of the next
     within an epoch, so the first iteration of every epoch is not timed. Each timed iteration is
     paired with the minimal-loop iteration run just before it. The minimal loop draws from the global torch
-    random stream too, so the trainer sees other noise and probes than it would alone.
+    random stream too, so the trainer draws other noise and probes than it would alone.
     """
 
     def __init__(self, hand_step: TrainingStep, device: torch.device):

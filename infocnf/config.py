@@ -119,7 +119,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class ConditioningConfig:
-    """How labels condition the flow: none, CCNF (whole latent) or InfoCNF (supervised part only)."""
+    """Label conditioning of the flow: none, CCNF (whole latent) or InfoCNF (supervised part only)."""
 
     method: str = "infocnf"
     # Share of the latent dimensions that form z_y in InfoCNF.

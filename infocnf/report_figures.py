@@ -37,7 +37,7 @@ def _history(client, run_id: str, key: str) -> pd.Series:
 
 
 def plot_curves(experiment: str, runs: pd.DataFrame, out: Path, tracking_uri: str | None) -> list[tuple[str, Path]]:
-    """One panel per metric, one line per cell: mean over finished seeds with a +-1 std band."""
+    """Plot one panel per metric and one line per cell: the mean over finished seeds with a +-1 std band."""
     client, _, _ = open_tracking(tracking_uri, experiment)
     done = runs[runs["status"] == "finished"]
     if done.empty:

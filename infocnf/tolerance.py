@@ -88,7 +88,7 @@ class _ListPlan(TolerancePlan):
 
 
 class TolerancePolicy(nn.Module):
-    """Source of training-time tolerance plans. Evaluation never asks a policy: it uses FixedPlan."""
+    """Source of training-time tolerance plans. Evaluation never uses a policy: it solves with FixedPlan."""
 
     strategy = ""
 
@@ -191,7 +191,7 @@ class _LearnedPlan(TolerancePlan):
 class LearnedPolicy(TolerancePolicy):
     """One gate per CNF block with a Gaussian policy over log10 tolerance, trained by REINFORCE.
 
-    The gate sees its block's input (detached) and outputs a mean and log-std per example; their
+    The gate receives its block's input (detached) and outputs a mean and log-std per example; their
     batch average parameterises one Gaussian, because a batch is solved as one ODE with one
     tolerance. The reward of block i is R_i = -nfe_reward_scale * NFE_i (forward NFE of its
     solve); the return r_i = sum_{j >= i} discount^(j - i) R_j, optionally plus the negative

@@ -72,8 +72,8 @@ def open_tracking(uri: str | None, experiment: str, create: bool = True) -> tupl
 
 
 def _artifact_location(uri: str, experiment: str) -> str | None:
-    # MLflow puts a SQLite store's artifacts under ./mlruns of the working directory; keep them
-    # beside the database instead, so a store and its artifacts move together.
+    # MLflow puts a SQLite store's artifacts under ./mlruns of the working directory. Keeping
+    # them beside the database lets a store and its artifacts move together.
     if uri.startswith("sqlite:///"):
         folder = Path(uri[len("sqlite:///") :]).parent / "mlartifacts" / experiment
         return folder.resolve().as_uri()

@@ -38,7 +38,7 @@ def _runs(tmp_path, experiment):
     return client, client.search_runs([experiment_id])
 
 
-def test_run_grid_logs_one_finished_run_per_cell_and_seed(tmp_path):
+def test_run_grid_one_run_per_cell_seed(tmp_path):
     grid = _tiny_grid(seeds=(0, 1))
     summary = run_grid(grid, _uri(tmp_path), "exp", runs_dir=tmp_path / "runs")
     assert summary.finished == 4
@@ -74,7 +74,7 @@ class _InterruptAfterFirstEpoch:
             raise KeyboardInterrupt
 
 
-def test_run_grid_interrupted_run_resumes_without_duplicates(tmp_path):
+def test_run_grid_interrupted_run_resumes(tmp_path):
     grid = _tiny_grid()
     with pytest.raises(KeyboardInterrupt):
         run_grid(grid, _uri(tmp_path), "exp", runs_dir=tmp_path / "runs",
@@ -93,7 +93,7 @@ def test_run_grid_interrupted_run_resumes_without_duplicates(tmp_path):
     assert len(history.read_text().strip().splitlines()) == 1 + 2  # header + two epochs
 
 
-def test_run_grid_diverging_cell_is_failed_and_grid_continues(tmp_path):
+def test_run_grid_diverging_cell_fails(tmp_path):
     factors = {"stability": {"levels": [
         {"name": "diverges", "train.divergence_threshold": 1e-3},
         {"name": "ok", "train.divergence_threshold": 1e6},

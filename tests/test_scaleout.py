@@ -261,7 +261,7 @@ def test_ablate_killed_worker_cell_completed_by_another(backend, tmp_path):
     grid_path = tmp_path / "kill.toml"
     grid_path.write_text(tomli_w.dumps(_grid_raw("kill", [1e-3], [0], epochs=8)))
     procs = _start_together([_ablate_command(grid_path, backend, tmp_path) for _ in range(2)], tmp_path)
-    # Kill whichever worker holds the run, once it has a checkpoint: its whole process group.
+    # Kill whichever worker has claimed the run, once it has a checkpoint: its whole process group.
     deadline = time.time() + 300
     holder = None
     while holder is None:
