@@ -7,9 +7,9 @@ import os
 from pathlib import Path
 
 from .figures import plot_results
-from .targets import evaluate_targets
+from .targets import OVERHEAD_LIMIT, evaluate_targets
 
-__all__ = ["write_results", "render_markdown", "load_results"]
+__all__ = ["write_results", "render_markdown", "load_results", "solver_budget"]
 
 _MIB = 2**20
 
@@ -119,18 +119,19 @@ def _split_row(cell: dict) -> list:
     s = cell["split"]
     it = s["iteration_s"]
     counts = s.get("counts", {})
+    cost = cell.get("field_cost", {})
     return [
         cell["batch_size"], f"{cell['tolerance']:g}", f"{cell['nfe_forward']}/{cell['nfe_backward']}",
         f"{it * 1e3:.0f}", _pct(s["field_forward_s"] / it), _pct(s["field_backward_s"] / it),
         _pct(s["solver_forward_s"] / it), _pct(s["solver_backward_s"] / it), _pct(s["other_s"] / it),
-        f"**{_pct(s['overhead_share'])}**", _pct(cell["field_cost"]["overhead_share"]) if "field_cost" in cell else "n/a",
+        f"**{_pct(s['overhead_share'])}**", _pct(cost.get("overhead_share")), _pct(cost.get("floor_share")),
         f"{counts.get('field_ops', 0)}/{counts.get('ops', 0)}",
     ]
 
 
 _SPLIT_HEADER = ["batch", "tolerance", "NFE fwd/bwd", "profiled ms", "field forward", "field backward",
                  "solver forward", "solver backward", "other", "overhead (solver + other)", "overhead, cost model",
-                 "field ops / all ops"]
+                 "overhead with Euler chains", "field ops / all ops"]
 
 
 def _profile_section(results: dict) -> list[str]:
@@ -150,17 +151,56 @@ def _profile_section(results: dict) -> list[str]:
         "ms exceed the timed ones; the op counts do not depend on the machine's load. Overhead, cost "
         "model: a check without the profiler, the median over rounds of 1 - (NFE x seconds per field "
         "evaluation timed alone) / (seconds per iteration), where each round times one iteration and "
-        "then the field alone, in CPU seconds on the CPU (bench/field_cost.py).",
+        "then the field alone, in CPU seconds on the CPU (bench/field_cost.py). Overhead with Euler "
+        "chains: the same cost model for an iteration, timed in the same rounds, whose solves are "
+        "replaced by plain Euler steps through the same forward NFE per block, with no step-size control, "
+        "Runge-Kutta stages or interpolation; it is the overhead that no solver can remove.",
         "",
     ]
     lines += _table(_SPLIT_HEADER + ["load average"], [_split_row(c) + [_load(c["load_average"])] for c in cells])
     reference = _reference_profile(results)
     if reference is not None:
+        lines += solver_budget(reference)
         lines += [f"Largest overhead ops by self time at batch {reference['batch_size']}, tolerance "
                   f"{reference['tolerance']:g}:", ""]
         rows = [[f"`{name}`", f"{seconds * 1e3:.1f}", count] for name, seconds, count in reference["split"]["top_overhead_ops"]]
         lines += _table(["op", "self ms", "calls"], rows)
     return lines
+
+
+def solver_budget(cell: dict, limit: float = OVERHEAD_LIMIT) -> list[str]:
+    """Say how much time the overhead target leaves for the solver, from the cost-model medians."""
+    cost = cell.get("field_cost", {})
+    if cost.get("floor_share") is None or not cost.get("steps"):
+        return []
+
+    iteration = cost["iteration_s"]["median"]
+    floor_iteration = cost["floor_iteration_s"]["median"]
+    field_s = (1 - cost["overhead_share"]) * iteration
+    rest_s = floor_iteration * cost["floor_share"]
+    # The chains' backward NFE equals their forward NFE, so the field's time is subtracted from each
+    # iteration with its own NFE instead of taking the difference of the two iteration times.
+    solver_s = iteration * cost["overhead_share"] - rest_s
+    steps = sorted(cost["steps"])[len(cost["steps"]) // 2]
+    budget_s = field_s * limit / (1 - limit) - rest_s
+
+    unit = "CPU" if cost.get("clock") == "cpu" else "wall-clock"
+    text = (
+        f"What the overhead target leaves for the solver, at batch {cell['batch_size']}, tolerance "
+        f"{cell['tolerance']:g} ({unit} medians of the cost model): an iteration takes "
+        f"{iteration * 1e3:.1f} ms, of which the field evaluations take about {field_s * 1e3:.1f} ms. With "
+        f"Euler chains in place of the solves it takes {floor_iteration * 1e3:.1f} ms, of which "
+        f"{rest_s * 1e3:.1f} ms are not field evaluations, so the solves' own work costs about "
+        f"{solver_s * 1e3:.1f} ms over {steps} solver steps ({solver_s / steps * 1e3:.2f} ms per step, "
+        f"forward and backward). An overhead of at most {100 * limit:.0f} % allows "
+        f"{field_s * limit / (1 - limit) * 1e3:.1f} ms besides the field, and the rest of the iteration already "
+        f"takes {rest_s * 1e3:.1f} ms of it, which leaves "
+    )
+    if budget_s > 0:
+        text += f"{budget_s * 1e3:.1f} ms for the solver ({budget_s / steps * 1e3:.2f} ms per step)."
+    else:
+        text += "nothing for the solver."
+    return [text, ""]
 
 
 def _reference_profile(results: dict) -> dict | None:

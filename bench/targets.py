@@ -37,9 +37,16 @@ def evaluate_targets(results: dict) -> list[dict]:
     harness = results.get("harness")
     trainer = harness["trainer_overhead_share"] if harness else None
     cost = reference[0].get("field_cost", {}).get("overhead_share") if reference else None
+    floor = reference[0].get("field_cost", {}).get("floor_share") if reference else None
     rows = [
         _row("solver, loss and optimizer overhead (profiled minimal loop)", solver, None, where + ", one profiled iteration"),
         _row("the same, cost model without the profiler", cost, None, where + ", NFE x field cost timed alone"),
+        _row(
+            "lower bound: the same loop with each solve replaced by an Euler chain of equal NFE",
+            floor,
+            None,
+            where + ", cost model; what no solver can remove",
+        ),
         _row("Trainer overhead over the minimal loop", trainer, None, where + ", paired timed iterations"),
     ]
     combined = None

@@ -9,13 +9,13 @@ import torch
 from bench.__main__ import main
 from bench.harness import measure_harness
 from bench.profile_split import profile_iteration, split_events
-from bench.report import render_markdown, write_results
+from bench.report import render_markdown, solver_budget, write_results
 from bench.scaling import fit_line, fit_power_law
 from bench.suite import quick_options, run_suite
 from bench.targets import evaluate_targets
 from bench.timing import measure_peak_memory, summarize, time_iterations
 from bench.workloads import TrainingStep, digits_workload, mnist_workload
-from bench.field_cost import measure_field_cost
+from bench.field_cost import euler_chain, measure_field_cost
 
 CPU = torch.device("cpu")
 PART_KEYS = ("field_forward_s", "field_backward_s", "solver_forward_s", "solver_backward_s", "other_s")
@@ -128,6 +128,47 @@ def test_field_cost_has_one_entry_per_block(tiny_digits):
     assert cost.iteration_s.n == 3
     assert all(share < 1 for share in cost.overhead_shares)
     assert min(cost.overhead_shares) <= cost.overhead_share <= max(cost.overhead_shares)
+
+
+def test_field_cost_times_euler_floor(tiny_digits):
+    step = TrainingStep(tiny_digits, batch_size=4, tolerance=1e-2, device=CPU)
+    cost = measure_field_cost(step, rounds=3, evaluations=4)
+    assert len(cost.floor_shares) == 3
+    assert cost.floor_iteration_s.n == 3
+    assert cost.floor_iteration_s.min > 0
+    assert min(cost.floor_shares) <= cost.floor_share <= max(cost.floor_shares)
+    assert len(cost.steps) == 3
+    assert all(steps >= 2 for steps in cost.steps)  # At least one step in each of the two blocks.
+    # The floor iterations restore the real iteration's stats for the caller.
+    assert all(stats.method == "dopri5" for stats in step.last_stats)
+
+
+def test_field_cost_without_floor_leaves_it_empty(tiny_digits):
+    step = TrainingStep(tiny_digits, batch_size=4, tolerance=1e-2, device=CPU)
+    cost = measure_field_cost(step, rounds=2, evaluations=2, floor=False)
+    assert cost.floor_share is None
+    assert cost.floor_iteration_s is None
+    assert cost.floor_shares == []
+
+
+class _DiagonalField(torch.nn.Module):
+    def __init__(self, rates: torch.Tensor):
+        super().__init__()
+        self.rates = rates
+
+    def forward(self, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        return z * self.rates
+
+
+def test_euler_chain_linear_field_exact():
+    # For f(z) = diag(a) z an Euler step multiplies z by 1 + h a, and a Rademacher probe e gives
+    # e^T diag(a) e = sum(a) exactly, so the summed divergence is NFE x trace.
+    rates = torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64)
+    z0 = torch.tensor([[1.0, 2.0, -3.0], [0.5, 0.0, 1.0]], dtype=torch.float64, requires_grad=True)
+    z, total = euler_chain(_DiagonalField(rates), z0, torch.tensor(0.5, dtype=torch.float64), 5, 0.1)
+    expected = z0.detach() * (1 + 0.1 * rates) ** 5
+    assert torch.allclose(z, expected, rtol=0, atol=1e-14)
+    assert torch.allclose(total, torch.full((2,), 5 * 1.5, dtype=torch.float64), rtol=0, atol=1e-14)
 
 
 def test_field_cost_rejects_zero_rounds(tiny_digits):
@@ -250,3 +291,26 @@ def test_cli_bad_input_exits_2(argv, message, tmp_path, capsys):
     assert main([*argv, "--output-dir", str(tmp_path)]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "results.json").exists()
+
+
+def test_solver_budget_arithmetic():
+    # Iteration 100 ms with 40 % overhead: field 60 ms. Euler-chain iteration 70 ms with 10 %
+    # overhead: 7 ms besides the field, so the solver costs 40 - 7 = 33 ms over 6 steps. At a
+    # 10 % limit the field allows 60 / 9 = 6.67 ms besides it, less than the 7 ms already used.
+    cell = {"batch_size": 64, "tolerance": 1e-5, "field_cost": {
+        "iteration_s": {"median": 0.100}, "floor_iteration_s": {"median": 0.070},
+        "overhead_share": 0.40, "floor_share": 0.10, "steps": [5, 6, 7], "clock": "cpu"}}
+    text = solver_budget(cell, limit=0.10)[0]
+    assert "an iteration takes 100.0 ms" in text
+    assert "field evaluations take about 60.0 ms" in text
+    assert "of which 7.0 ms are not field evaluations" in text
+    assert "costs about 33.0 ms over 6 solver steps (5.50 ms per step" in text
+    assert "allows 6.7 ms besides the field" in text
+    assert text.endswith("which leaves nothing for the solver.")
+    roomy = solver_budget(cell, limit=0.20)[0]
+    assert roomy.endswith("which leaves 8.0 ms for the solver (1.33 ms per step).")
+
+
+def test_solver_budget_needs_floor():
+    cell = {"batch_size": 64, "tolerance": 1e-5, "field_cost": {"overhead_share": 0.4, "floor_share": None}}
+    assert solver_budget(cell) == []
