@@ -415,6 +415,62 @@ def test_run_latent_ode_is_seeded(tmp_path):
     assert first.history[-1]["train_loss"] == second.history[-1]["train_loss"]
 
 
+class _Interrupt(Exception):
+    """Stands for a run killed after its first epoch."""
+
+
+class _InterruptAfterFirstEpoch:
+    def on_epoch_end(self, trainer, row):
+        raise _Interrupt
+
+
+def _without_wall_time(rows):
+    # NaN (a metric that does not apply) becomes None, so that equal rows compare equal.
+    return [
+        {key: None if isinstance(value, float) and math.isnan(value) else value
+         for key, value in row.items() if key != "elapsed_s"}
+        for row in rows
+    ]
+
+
+@pytest.mark.parametrize("method", ["none", "partitioned"])
+def test_latent_ode_resume_exact(tmp_path, method):
+    config = tiny_config(method, trajectory_spirals=0)
+    straight = run_latent_ode(config, tmp_path / "straight")
+
+    # The interrupted run has written checkpoints/last.pt after epoch 1; a new run resumes from it.
+    with pytest.raises(_Interrupt):
+        run_latent_ode(config, tmp_path / "resumed", [_InterruptAfterFirstEpoch()])
+    assert (tmp_path / "resumed" / "checkpoints" / "last.pt").is_file()
+    recorder = _Recorder()
+    resumed = run_latent_ode(config, tmp_path / "resumed", [recorder])
+
+    assert recorder.events == ["start", "iteration 1/2", "iteration 2/2", "epoch 2", "end finished"]
+    assert straight.status == resumed.status == "finished"
+    assert _without_wall_time(resumed.history) == _without_wall_time(straight.history)
+    for key, value in straight.metrics.items():
+        if key != "elapsed_s":
+            assert resumed.metrics[key] == value or (math.isnan(value) and math.isnan(resumed.metrics[key])), key
+
+
+def test_latent_ode_no_resume_starts_over(tmp_path):
+    config = tiny_config(trajectory_spirals=0)
+    with pytest.raises(_Interrupt):
+        run_latent_ode(config, tmp_path, [_InterruptAfterFirstEpoch()])
+    recorder = _Recorder()
+    result = run_latent_ode(config, tmp_path, [recorder], resume=False)
+    assert result.status == "finished"
+    assert recorder.events.count("iteration 1/2") == 2
+    assert [row["epoch"] for row in result.history] == [1, 2]
+
+
+def test_latent_ode_resume_rejects_other_config(tmp_path):
+    run_latent_ode(tiny_config(epochs=1, trajectory_spirals=0), tmp_path)
+    with pytest.raises(ValueError, match="belongs to a different config") as caught:
+        run_latent_ode(tiny_config(epochs=2, trajectory_spirals=0), tmp_path)
+    assert "--no-resume" in str(caught.value)
+
+
 def test_evaluation_errors_match_trajectories(tmp_path):
     config = tiny_config()
     run_latent_ode(config, tmp_path)

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..checkpoints import capture_rng_state, check_config_hash, load_checkpoint, restore_rng_state, save_checkpoint
 from ..solve import SolveError, SolveOptions
 from ..train import TrainResult, resolve_device, seed_everything
 from .config import LatentODEConfig, LatentSolverConfig, load_latent_ode_config, save_latent_ode_config
@@ -140,6 +141,42 @@ class LatentODETrainer:
         self.elapsed_s = 0.0
         self.config_hash = config.hash()
 
+    # Checkpoints -------------------------------------------------------------------------------
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.output_dir / "checkpoints" / "last.pt"
+
+    def _state(self) -> dict[str, Any]:
+        return {
+            "config_hash": self.config_hash,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "epoch": self.epoch,
+            "iteration": self.iteration,
+            "history": self.history,
+            "best": self.best,
+            "elapsed_s": self.elapsed_s,
+            "rng": capture_rng_state(),
+        }
+
+    def resume(self) -> bool:
+        """Load checkpoints/last.pt if present; returns whether training resumes from it."""
+        path = self.checkpoint_path
+        state = load_checkpoint(path, self.device)
+        if state is None:
+            return False
+        check_config_hash(state, self.config_hash, path)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.epoch, self.iteration = state["epoch"], state["iteration"]
+        self.history, self.best, self.elapsed_s = state["history"], state["best"], state["elapsed_s"]
+        restore_rng_state(state["rng"])
+        log.info("resumed latent ODE run from %s after epoch %d", path, self.epoch)
+        return True
+
+    # Training --------------------------------------------------------------------------------
+
     def learning_rate(self) -> float:
         """Learning rate of the current epoch: lr times lr_decay_factor per listed epoch count reached."""
         cfg = self.config.train
@@ -205,11 +242,18 @@ class LatentODETrainer:
             self.model, split, cfg.solver, cfg.train.eval_batch_size, cfg.data.extrapolate_points, seed=cfg.seed + 7
         )
 
-    def fit(self) -> TrainResult:
-        """Train for the configured epochs, select the epoch with the lowest validation loss, test it."""
+    def fit(self, resume: bool = True) -> TrainResult:
+        """Train for the configured epochs, select the epoch with the lowest validation loss, test it.
+
+        With ``resume``, a checkpoint left in the output folder by an interrupted run of the same
+        config is loaded first, and training goes on from the epoch after it. Each epoch ends by
+        writing that checkpoint.
+        """
         cfg = self.config
         self.output_dir.mkdir(parents=True, exist_ok=True)
         save_latent_ode_config(cfg, self.output_dir / "config.toml")
+        if resume:
+            self.resume()
         log.info(
             "latent ODE run: prior %s, seed %d, solver %s with rtol=%g, atol=%g (evaluation rtol=%g, atol=%g)",
             cfg.prior.method, cfg.seed, cfg.solver.method, cfg.solver.rtol, cfg.solver.atol,
@@ -217,6 +261,7 @@ class LatentODETrainer:
         )
         self._emit("on_start")
         started = time.monotonic()
+        base_elapsed = self.elapsed_s
         try:
             while self.epoch < cfg.train.epochs:
                 row: dict[str, float] = {"epoch": self.epoch + 1, "lr": self.learning_rate()}
@@ -229,9 +274,10 @@ class LatentODETrainer:
                         # Model selection uses the validation split only; the test set is scored once, at the end.
                         self.best = {"val_loss": val["loss"], "epoch": self.epoch,
                                      "state": copy.deepcopy(self.model.state_dict())}
-                self.elapsed_s = time.monotonic() - started
+                self.elapsed_s = base_elapsed + (time.monotonic() - started)
                 row["elapsed_s"] = self.elapsed_s
                 self.history.append(row)
+                save_checkpoint(self._state(), self.checkpoint_path)
                 self._write_history()
                 self._emit("on_epoch_end", row)
             result = TrainResult("finished", "", self._final_metrics(), self.history)
@@ -292,21 +338,21 @@ class _Diverged(RuntimeError):
     pass
 
 
-def run_latent_ode(config: LatentODEConfig, output_dir: str | Path, callbacks: list[Any] | None = None) -> TrainResult:
+def run_latent_ode(
+    config: LatentODEConfig, output_dir: str | Path, callbacks: list[Any] | None = None, resume: bool = True
+) -> TrainResult:
     """Train and test one LatentODE run; writes config.toml, history.csv, metrics.json, model.pt, trajectories.npz.
 
     ``result.metrics`` maps names to floats (NaN where a metric does not apply), and
     ``result.history`` contains one dict per epoch. Torch runs on ``train.num_threads`` CPU threads
-    for the duration of the run.
-
-    NOTE: a LatentODE run keeps no checkpoint, so a grid cell interrupted mid-run starts again
-    from epoch 1 when the grid resumes it.
+    for the duration of the run. With ``resume``, an interrupted run in ``output_dir`` goes on from
+    its checkpoints/last.pt.
     """
     previous_threads = torch.get_num_threads()
     if config.train.num_threads:
         torch.set_num_threads(config.train.num_threads)
     try:
-        return LatentODETrainer(config, output_dir, callbacks).fit()
+        return LatentODETrainer(config, output_dir, callbacks).fit(resume=resume)
     finally:
         torch.set_num_threads(previous_threads)
 
