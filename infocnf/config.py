@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
 import math
-import tomllib
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import tomli_w
+from .toml_config import (
+    ConfigFormat,
+    apply_dotted_overrides,
+    build_dataclass,
+    config_to_dict,
+    flatten,
+    load_toml_config,
+    save_toml_config,
+    stable_hash,
+)
 
 __all__ = [
     "DataConfig",
@@ -38,6 +43,14 @@ _DIVERGENCES = ("hutchinson", "exact")
 _PROBES = ("rademacher", "gaussian")
 _ADAPTIVE_METHODS = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
 _FIXED_GRID_METHODS = ("euler", "midpoint", "heun2", "heun3", "rk4", "explicit_adams", "implicit_adams")
+
+_TOML_FORMAT = ConfigFormat(
+    top_table="run",
+    unknown_key="unknown setting {where}: the [{table}] table accepts {accepted}",
+    unknown_top_key="unknown setting {key!r}: a run config has the keys {accepted}",
+    not_a_section="unknown setting {key!r}: {part!r} is not a section of the config",
+    override_example="train.lr=1e-3",
+)
 
 
 def _require(condition: bool, section: str, name: str, value: Any, allowed: str) -> None:
@@ -239,7 +252,7 @@ class SolverConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.tolerance, dict):
-            object.__setattr__(self, "tolerance", _build(ToleranceConfig, self.tolerance, "solver.tolerance"))
+            object.__setattr__(self, "tolerance", build_dataclass(ToleranceConfig, self.tolerance, _TOML_FORMAT, "solver.tolerance"))
         object.__setattr__(self, "extra_eval_tolerances", tuple(float(v) for v in self.extra_eval_tolerances))
         methods = _ADAPTIVE_METHODS + _FIXED_GRID_METHODS
         _require(self.method in methods, "solver", "method", self.method, f"a torchdiffeq method: {', '.join(methods)}")
@@ -339,125 +352,30 @@ class RunConfig:
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> RunConfig:
         """Build a config from nested dictionaries, rejecting unknown keys."""
-        return _build(cls, raw, "run")
+        return build_dataclass(cls, raw, _TOML_FORMAT)
 
     def to_dict(self) -> dict[str, Any]:
         """Return nested plain dictionaries (tuples as lists) suitable for TOML."""
-        return _to_plain(dataclasses.asdict(self))
+        return config_to_dict(self)
 
     def flat(self) -> dict[str, Any]:
         """Return the config as dotted keys, for example ``solver.tolerance.value``."""
-        out: dict[str, Any] = {}
-
-        def walk(prefix: str, value: Any) -> None:
-            if isinstance(value, dict):
-                for key, sub in value.items():
-                    walk(f"{prefix}.{key}" if prefix else key, sub)
-            else:
-                out[prefix] = value
-
-        walk("", self.to_dict())
-        return out
-
-
-_NESTED = {
-    RunConfig: {
-        "data": DataConfig,
-        "model": ModelConfig,
-        "conditioning": ConditioningConfig,
-        "solver": SolverConfig,
-        "train": TrainConfig,
-    },
-    SolverConfig: {"tolerance": ToleranceConfig},
-}
-
-
-def _build(cls: type, raw: Any, section: str) -> Any:
-    if not isinstance(raw, dict):
-        raise ValueError(f"invalid [{section}]: expected a table of settings, got {raw!r}")
-    known = {f.name: f for f in fields(cls)}
-    unknown = sorted(set(raw) - set(known))
-    if unknown:
-        if section == "run":
-            raise ValueError(
-                f"unknown setting {unknown[0]!r}: a run config has the keys {', '.join(sorted(known))}"
-            )
-        raise ValueError(
-            f"unknown setting {section}.{unknown[0]}: the [{section}] table accepts {', '.join(sorted(known))}"
-        )
-    kwargs = {}
-    for key, value in raw.items():
-        sub = _NESTED.get(cls, {}).get(key)
-        name = key if section == "run" else f"{section}.{key}"
-        kwargs[key] = _build(sub, value, name) if sub is not None else _coerce(known[key], value, section)
-    return cls(**kwargs)
-
-
-def _coerce(f: dataclasses.Field, value: Any, section: str) -> Any:
-    default = f.default if f.default is not dataclasses.MISSING else None
-    where = f"{section}.{f.name}" if section != "run" else f.name
-    if isinstance(default, bool):
-        if not isinstance(value, bool):
-            raise ValueError(f"invalid {where} = {value!r}: expected true or false")
-        return value
-    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if isinstance(default, int) and not isinstance(default, bool):
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise ValueError(f"invalid {where} = {value!r}: expected an integer")
-    if isinstance(default, float) and not isinstance(value, (int, float)):
-        raise ValueError(f"invalid {where} = {value!r}: expected a number")
-    if isinstance(default, str) and not isinstance(value, str):
-        raise ValueError(f"invalid {where} = {value!r}: expected a string")
-    if isinstance(default, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise ValueError(f"invalid {where} = {value!r}: expected a list")
-        return tuple(value)
-    return value
-
-
-def _to_plain(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _to_plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_to_plain(v) for v in value]
-    return value
+        return flatten(self.to_dict())
 
 
 def load_config(path: str | Path) -> RunConfig:
     """Read a TOML run config; a missing file or a bad value raises ValueError naming it."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"config file not found: {path}; pass an existing .toml file (see configs/ for examples)")
-    try:
-        raw = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as exc:
-        raise ValueError(f"invalid TOML in {path}: {exc}") from exc
-    try:
-        return RunConfig.from_dict(raw)
-    except ValueError as exc:
-        raise ValueError(f"{path}: {exc}") from exc
+    return load_toml_config(path, RunConfig, "pass an existing .toml file (see configs/ for examples)")
 
 
 def save_config(config: RunConfig, path: str | Path) -> None:
     """Write the resolved config as TOML."""
-    Path(path).write_text(tomli_w.dumps(config.to_dict()))
+    save_toml_config(config, path)
 
 
 def config_hash(config: RunConfig) -> str:
     """Return a short stable hash of the resolved config, used to match finished runs."""
-    text = json.dumps(config.to_dict(), sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def _parse_value(text: str) -> Any:
-    # TOML syntax for the value: 1e-3, true, "cpu", [1, 2].
-    try:
-        return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
-        return text  # A bare word such as infocnf is taken as a string.
+    return stable_hash(config.to_dict())
 
 
 def apply_overrides(config: RunConfig, overrides: list[str] | dict[str, Any]) -> RunConfig:
@@ -466,24 +384,4 @@ def apply_overrides(config: RunConfig, overrides: list[str] | dict[str, Any]) ->
     ``overrides`` is a list of ``"section.key=value"`` strings (values in TOML syntax) or a
     mapping of dotted keys to values.
     """
-    if isinstance(overrides, dict):
-        items = list(overrides.items())
-    else:
-        items = []
-        for text in overrides:
-            if "=" not in text:
-                raise ValueError(f"invalid override {text!r}: expected section.key=value, for example train.lr=1e-3")
-            key, value = text.split("=", 1)
-            items.append((key.strip(), _parse_value(value.strip())))
-    raw = config.to_dict()
-    for key, value in items:
-        parts = key.split(".")
-        node = raw
-        for part in parts[:-1]:
-            if part not in node or not isinstance(node[part], dict):
-                raise ValueError(f"unknown setting {key!r}: {part!r} is not a section of the config")
-            node = node[part]
-        if parts[-1] not in node:
-            raise ValueError(f"unknown setting {key!r}: known keys here are {', '.join(sorted(node))}")
-        node[parts[-1]] = value
-    return RunConfig.from_dict(raw)
+    return apply_dotted_overrides(config, overrides, _TOML_FORMAT)

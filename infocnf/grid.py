@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import itertools
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .config import RunConfig, apply_overrides, config_hash
 from .flows import count_cnf_blocks
+from .toml_config import read_toml_file
 
 __all__ = ["Factor", "Level", "Cell", "Grid", "GridError", "load_grid", "parse_grid"]
 
@@ -240,10 +240,10 @@ def _check_manual_blocks(config: RunConfig) -> None:
 def load_grid(path: str | Path) -> Grid:
     """Read, validate and expand a TOML grid file."""
     path = Path(path)
-    if not path.is_file():
-        raise GridError(f"grid file not found: {path}; pass a TOML grid such as ablations/digits.toml")
-    try:
-        raw = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as exc:
-        raise GridError(f"invalid TOML in grid file {path}: {exc}") from exc
+    raw = read_toml_file(
+        path,
+        f"grid file not found: {path}; pass a TOML grid such as ablations/digits.toml",
+        f"invalid TOML in grid file {path}",
+        error=GridError,
+    )
     return parse_grid(raw, str(path))

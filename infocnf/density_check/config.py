@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
 import math
-import tomllib
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import tomli_w
-
 from ..config import ConditioningConfig, ModelConfig
+from ..toml_config import (
+    ConfigFormat,
+    apply_dotted_overrides,
+    build_dataclass,
+    config_to_dict,
+    load_toml_config,
+    save_toml_config,
+    stable_hash,
+)
 
 __all__ = [
     "MixtureConfig",
@@ -28,6 +31,15 @@ __all__ = [
 
 # FFJORD evaluates at 1e-5, and the default sweep spans four decades looser and three tighter.
 DEFAULT_TOLERANCES = (1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6, 1e-7, 1e-8)
+
+# NaN and infinity are rejected when read, because some checks such as model.t1 > 0 let infinity through.
+_TOML_FORMAT = ConfigFormat(
+    top_table="top level",
+    unknown_key="unknown setting {where}: the table accepts {accepted}",
+    not_a_section="unknown setting {key!r}: {part!r} is not a section; sections are {sections}",
+    override_example="sweep.threshold=1e-4",
+    finite_floats=True,
+)
 
 
 def _require(condition: bool, where: str, value: Any, expected: str) -> None:
@@ -224,119 +236,35 @@ class DensityCheckConfig:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> DensityCheckConfig:
-        """Build a config from nested dictionaries. Unknown keys raise ValueError."""
-        return _build(cls, raw, "")
+        """Build a config from nested dictionaries. Unknown keys raise ValueError.
+
+        A nested table updates that section's defaults, so a partial [model] table keeps the
+        other settings of this check's default model.
+        """
+        return build_dataclass(cls, raw, _TOML_FORMAT)
 
     def to_dict(self) -> dict[str, Any]:
         """Return nested plain dictionaries (tuples as lists) suitable for TOML."""
-        return _to_plain(dataclasses.asdict(self))
+        return config_to_dict(self)
 
     def model_hash(self) -> str:
         """Short hash of the settings that determine the trained flow (everything but the sweep)."""
         raw = self.to_dict()
         raw.pop("sweep")
-        return hashlib.sha256(json.dumps(raw, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _build(cls: type, raw: Any, section: str) -> Any:
-    if not isinstance(raw, dict):
-        raise ValueError(f"invalid [{section or 'top level'}]: expected a table of settings, got {raw!r}")
-    known = {f.name: f for f in fields(cls)}
-    unknown = sorted(set(raw) - set(known))
-    if unknown:
-        where = f"{section}.{unknown[0]}" if section else unknown[0]
-        raise ValueError(f"unknown setting {where}: the table accepts {', '.join(sorted(known))}")
-    kwargs = {}
-    for key, value in raw.items():
-        where = f"{section}.{key}" if section else key
-        default = _default(known[key])
-        if dataclasses.is_dataclass(default):
-            # A nested table updates that section's defaults, so a partial table keeps the rest.
-            base = dataclasses.asdict(default)
-            sub = _build(type(default), value, where)
-            base.update({k: getattr(sub, k) for k in value})
-            kwargs[key] = type(default)(**base)
-        else:
-            kwargs[key] = _coerce(default, value, where)
-    return cls(**kwargs)
-
-
-def _default(f: dataclasses.Field) -> Any:
-    if f.default_factory is not dataclasses.MISSING:
-        return f.default_factory()
-    return f.default
-
-
-def _coerce(default: Any, value: Any, where: str) -> Any:
-    if isinstance(default, bool):
-        _require(isinstance(value, bool), where, value, "true or false")
-        return value
-    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if isinstance(default, int):
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        _require(isinstance(value, int) and not isinstance(value, bool), where, value, "an integer")
-    if isinstance(default, float):
-        _require(_is_number(value), where, value, "a number")
-    if isinstance(default, str):
-        _require(isinstance(value, str), where, value, "a string")
-    if isinstance(default, tuple):
-        _require(isinstance(value, (list, tuple)), where, value, "a list")
-        return tuple(value)
-    return value
-
-
-def _to_plain(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _to_plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_to_plain(v) for v in value]
-    return value
+        return stable_hash(raw)
 
 
 def load_density_check_config(path: str | Path) -> DensityCheckConfig:
     """Read a TOML density-check config; a missing file or a bad value raises ValueError naming it."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"config file not found: {path}; pass an existing .toml file such as configs/density-check-1d.toml")
-    try:
-        raw = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as exc:
-        raise ValueError(f"invalid TOML in {path}: {exc}") from exc
-    try:
-        return DensityCheckConfig.from_dict(raw)
-    except ValueError as exc:
-        raise ValueError(f"{path}: {exc}") from exc
+    hint = "pass an existing .toml file such as configs/density-check-1d.toml"
+    return load_toml_config(path, DensityCheckConfig, hint)
 
 
 def save_density_check_config(config: DensityCheckConfig, path: str | Path) -> None:
     """Write the resolved config as TOML."""
-    Path(path).write_text(tomli_w.dumps(config.to_dict()))
-
-
-def _parse_value(text: str) -> Any:
-    # Values use TOML syntax: 1e-3, true, "cpu", [1e-2, 1e-4].
-    try:
-        return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
-        return text  # A bare word such as ccnf is taken as a string.
+    save_toml_config(config, path)
 
 
 def apply_density_check_overrides(config: DensityCheckConfig, overrides: list[str]) -> DensityCheckConfig:
     """Return a copy of ``config`` with ``section.key=value`` overrides applied (values in TOML syntax)."""
-    raw = config.to_dict()
-    for text in overrides:
-        if "=" not in text:
-            raise ValueError(f"invalid override {text!r}: expected section.key=value, for example sweep.threshold=1e-4")
-        key, value = (part.strip() for part in text.split("=", 1))
-        parts = key.split(".")
-        node = raw
-        for part in parts[:-1]:
-            if not isinstance(node.get(part), dict):
-                raise ValueError(f"unknown setting {key!r}: {part!r} is not a section; sections are {', '.join(sorted(raw))}")
-            node = node[part]
-        if parts[-1] not in node:
-            raise ValueError(f"unknown setting {key!r}: known keys here are {', '.join(sorted(node))}")
-        node[parts[-1]] = _parse_value(value)
-    return DensityCheckConfig.from_dict(raw)
+    return apply_dotted_overrides(config, overrides, _TOML_FORMAT)

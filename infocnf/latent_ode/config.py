@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
 import math
-import tomllib
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import tomli_w
+from ..toml_config import (
+    ConfigFormat,
+    apply_dotted_overrides,
+    build_dataclass,
+    config_to_dict,
+    flatten,
+    load_toml_config,
+    save_toml_config,
+    stable_hash,
+)
 
 __all__ = [
     "SpiralConfig",
@@ -30,6 +35,14 @@ __all__ = [
 LATENT_PRIORS = ("none", "partitioned")
 _ADAPTIVE_METHODS = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
 _ACTIVATIONS = ("softplus", "tanh", "elu")
+
+# Messages call the top-level table [run], so an unknown top-level key reads "run.key".
+_TOML_FORMAT = ConfigFormat(
+    top_table="run",
+    unknown_key="unknown setting {table}.{key}: the [{table}] table accepts {accepted}",
+    not_a_section="unknown setting {key!r}: {part!r} is not a section; sections are {sections}",
+    override_example="prior.method=none",
+)
 
 
 def _require(condition: bool, section: str, name: str, value: Any, allowed: str) -> None:
@@ -241,108 +254,29 @@ class LatentODEConfig:
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> LatentODEConfig:
         """Build a config from nested dictionaries, rejecting unknown keys."""
-        return _build(cls, raw, "run")
+        return build_dataclass(cls, raw, _TOML_FORMAT)
 
     def to_dict(self) -> dict[str, Any]:
         """Return nested plain dictionaries (tuples as lists) suitable for TOML."""
-        return _to_plain(dataclasses.asdict(self))
+        return config_to_dict(self)
 
     def flat(self) -> dict[str, Any]:
         """Return the config as dotted keys, for example ``solver.rtol``."""
-        out: dict[str, Any] = {}
-        for section, values in self.to_dict().items():
-            if isinstance(values, dict):
-                out.update({f"{section}.{key}": value for key, value in values.items()})
-            else:
-                out[section] = values
-        return out
+        return flatten(self.to_dict())
 
     def hash(self) -> str:
         """Return a short stable hash of the resolved config."""
-        text = json.dumps(self.to_dict(), sort_keys=True)
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def _build(cls: type, raw: Any, section: str) -> Any:
-    if not isinstance(raw, dict):
-        raise ValueError(f"invalid [{section}]: expected a table of settings, got {raw!r}")
-    known = {f.name: f for f in fields(cls)}
-    unknown = sorted(set(raw) - set(known))
-    if unknown:
-        raise ValueError(f"unknown setting {section}.{unknown[0]}: the [{section}] table accepts {', '.join(sorted(known))}")
-    kwargs = {}
-    for key, value in raw.items():
-        f = known[key]
-        nested = f.default_factory if f.default_factory is not dataclasses.MISSING else None
-        if nested is not None and dataclasses.is_dataclass(nested):
-            kwargs[key] = _build(nested, value, key)
-        else:
-            kwargs[key] = _coerce(f, value, key if section == "run" else f"{section}.{key}")
-    return cls(**kwargs)
-
-
-def _coerce(f: dataclasses.Field, value: Any, where: str) -> Any:
-    # TOML gives int for 1 and float for 1.0; accept either where the other is meant, nothing looser.
-    default = f.default
-    if isinstance(default, bool):
-        if not isinstance(value, bool):
-            raise ValueError(f"invalid {where} = {value!r}: expected true or false")
-        return value
-    if isinstance(value, bool) and isinstance(default, (int, float)):
-        expected = "an integer" if isinstance(default, int) else "a number"
-        raise ValueError(f"invalid {where} = {value!r}: expected {expected}, not true or false")
-    if isinstance(default, float):
-        if not isinstance(value, (int, float)):
-            raise ValueError(f"invalid {where} = {value!r}: expected a number")
-        return float(value)
-    if isinstance(default, int):
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if not isinstance(value, int):
-            raise ValueError(f"invalid {where} = {value!r}: expected an integer")
-    if isinstance(default, str) and not isinstance(value, str):
-        raise ValueError(f"invalid {where} = {value!r}: expected a string")
-    if isinstance(default, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise ValueError(f"invalid {where} = {value!r}: expected a list")
-        return tuple(value)
-    return value
-
-
-def _to_plain(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _to_plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_to_plain(v) for v in value]
-    return value
+        return stable_hash(self.to_dict())
 
 
 def load_latent_ode_config(path: str | Path) -> LatentODEConfig:
     """Read a TOML LatentODE config; a missing file or a bad value raises ValueError naming it."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"config file not found: {path}; pass an existing .toml file such as configs/latent-ode-quick.toml")
-    try:
-        raw = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as exc:
-        raise ValueError(f"invalid TOML in {path}: {exc}") from exc
-    try:
-        return LatentODEConfig.from_dict(raw)
-    except ValueError as exc:
-        raise ValueError(f"{path}: {exc}") from exc
+    return load_toml_config(path, LatentODEConfig, "pass an existing .toml file such as configs/latent-ode-quick.toml")
 
 
 def save_latent_ode_config(config: LatentODEConfig, path: str | Path) -> None:
     """Write the resolved config as TOML."""
-    Path(path).write_text(tomli_w.dumps(config.to_dict()))
-
-
-def _parse_value(text: str) -> Any:
-    # TOML syntax for the value: 1e-3, true, "cpu", [32, 32].
-    try:
-        return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
-        return text  # A bare word such as partitioned is taken as a string.
+    save_toml_config(config, path)
 
 
 def apply_latent_ode_overrides(config: LatentODEConfig, overrides: list[str] | dict[str, Any]) -> LatentODEConfig:
@@ -351,24 +285,4 @@ def apply_latent_ode_overrides(config: LatentODEConfig, overrides: list[str] | d
     ``overrides`` is a list of ``"section.key=value"`` strings (values in TOML syntax) or a
     mapping of dotted keys to values.
     """
-    if isinstance(overrides, dict):
-        items = list(overrides.items())
-    else:
-        items = []
-        for text in overrides:
-            if "=" not in text:
-                raise ValueError(f"invalid override {text!r}: expected section.key=value, for example prior.method=none")
-            key, value = text.split("=", 1)
-            items.append((key.strip(), _parse_value(value.strip())))
-    raw = config.to_dict()
-    for key, value in items:
-        parts = key.split(".")
-        node = raw
-        for part in parts[:-1]:
-            if not isinstance(node.get(part), dict):
-                raise ValueError(f"unknown setting {key!r}: {part!r} is not a section; sections are {', '.join(sorted(k for k, v in raw.items() if isinstance(v, dict)))}")
-            node = node[part]
-        if parts[-1] not in node:
-            raise ValueError(f"unknown setting {key!r}: known keys here are {', '.join(sorted(node))}")
-        node[parts[-1]] = value
-    return LatentODEConfig.from_dict(raw)
+    return apply_dotted_overrides(config, overrides, _TOML_FORMAT)
