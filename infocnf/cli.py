@@ -19,12 +19,12 @@ import sys  # noqa: E402
 __all__ = ["main", "build_parser"]
 
 
-
 def _command_modules() -> list[str]:
-    # Every module in infocnf.commands defines register(subparsers) for one subcommand.
+    # Every public module in infocnf.commands defines register(subparsers) for one subcommand.
+    # Private modules (names with a leading underscore) contain helpers shared by the commands.
     from . import commands
 
-    return sorted(info.name for info in pkgutil.iter_modules(commands.__path__))
+    return sorted(info.name for info in pkgutil.iter_modules(commands.__path__) if not info.name.startswith("_"))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,8 +49,12 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    from .progress import logging_above_bars
+
     try:
-        return int(args.handler(args) or 0)
+        # Log lines print above the commands' progress bars instead of inside them.
+        with logging_above_bars():
+            return int(args.handler(args) or 0)
     except ValueError as exc:
         print(f"infocnf {args.command}: error: {exc}", file=sys.stderr)
         return 2

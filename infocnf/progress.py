@@ -1,10 +1,39 @@
-"""tqdm progress bars as trainer callbacks, for the command line only."""
+"""tqdm progress bars as trainer callbacks, and log output kept above them, for the command line only."""
 
 from __future__ import annotations
 
-from tqdm.auto import tqdm
+import logging
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
-__all__ = ["EpochProgress"]
+from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+__all__ = ["EpochProgress", "logging_above_bars"]
+
+
+@contextmanager
+def logging_above_bars() -> Iterator[None]:
+    """Route the root logger's console handler through ``tqdm.write`` while the block runs.
+
+    tqdm.write clears the open progress bars, prints the line and redraws the bars below it, so
+    lines that reach the root logger do not land inside a bar. Without open bars it prints the line
+    as the console handler would. A root logger without a stdout or stderr handler is left alone,
+    because tqdm's redirect would then add a stderr handler of its own.
+    """
+    # NOTE: loggers that do not propagate to the root keep their own handlers, so their lines can
+    # still break a bar. MLflow 3.17 configures its "mlflow" logger that way on import.
+    root = logging.getLogger()
+    has_console = any(
+        isinstance(handler, logging.StreamHandler) and handler.stream in (sys.stdout, sys.stderr)
+        for handler in root.handlers
+    )
+    if not has_console:
+        yield
+        return
+    with logging_redirect_tqdm([root]):
+        yield
 
 
 class EpochProgress:

@@ -66,6 +66,20 @@ def load_runs(experiment: str, tracking_uri: str | None = None) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _sort_in_table_order(frame: pd.DataFrame, first: list[str], then: list[str]) -> pd.DataFrame:
+    """Sort rows by the ``first`` columns, conditioning, tolerance strategy, then the ``then`` columns.
+
+    Conditioning runs none, ccnf, infocnf, and tolerance runs fixed, manual, learned. Unknown
+    methods come after the known ones. Table 1 and every per-cell part of the report use this order.
+    """
+    ranked = frame.assign(
+        _conditioning=frame["conditioning"].map(_CONDITIONING_ORDER).fillna(len(_CONDITIONING_ORDER)),
+        _tolerance=frame["tolerance"].map(_TOLERANCE_ORDER).fillna(len(_TOLERANCE_ORDER)),
+    )
+    ranked = ranked.sort_values([*first, "_conditioning", "_tolerance", *then], kind="stable")
+    return ranked.drop(columns=["_conditioning", "_tolerance"]).reset_index(drop=True)
+
+
 def _mean_std(values: pd.Series) -> tuple[float, float]:
     values = values.dropna()
     if values.empty:
@@ -102,9 +116,7 @@ def aggregate_table(runs: pd.DataFrame) -> pd.DataFrame:
     table = pd.DataFrame(rows)
     if table.empty:
         return table
-    table["_c"] = table["conditioning"].map(_CONDITIONING_ORDER).fillna(9)
-    table["_t"] = table["tolerance"].map(_TOLERANCE_ORDER).fillna(9)
-    table = table.sort_values(["batch size", "_c", "_t", "lr", "cell"]).drop(columns=["_c", "_t"]).reset_index(drop=True)
+    table = _sort_in_table_order(table, ["batch size"], ["lr", "cell"])
     table["Δ error (points)"] = math.nan
     table["Δ bits/dim %"] = math.nan
     table["Δ NFE forward %"] = math.nan
@@ -194,6 +206,15 @@ def tolerance_stability(runs: pd.DataFrame, bpd_threshold: float = 1e-3, error_t
     return pd.DataFrame(rows)
 
 
+def _format_stability(stability: pd.DataFrame) -> pd.DataFrame:
+    """Format the stability table for Markdown: two significant digits, "–" for a missing value as in Table 1."""
+    out = stability.copy()
+    for column in ("eval tolerance", "max |Δ bits/dim|", "max |Δ error| (points)"):
+        out[column] = out[column].map(lambda v: f"{v:.2g}" if np.isfinite(v) else "–")
+    # A bare | in a header ends the Markdown cell, so the absolute-value bars are escaped.
+    return out.rename(columns=lambda name: name.replace("|", "\\|"))
+
+
 _SIGN_NOTE = (
     "Mean ± sample standard deviation over seeds (finished runs only). Test error and bits/dim are "
     "of the model selected on the validation split, evaluated at the fixed evaluation tolerance. "
@@ -219,7 +240,9 @@ def build_report(experiment: str, out_dir: str | Path, tracking_uri: str | None 
     if runs.empty:
         raise ValueError(f"experiment {experiment!r} has no runs; run `infocnf ablate GRID` first or check --experiment")
     out.mkdir(parents=True, exist_ok=True)
-    cnf_runs = runs[runs["kind"] == "cnf"]
+    # MLflow lists runs newest first. Sorting them like Table 1 orders the per-cell figures, their
+    # legends and the stability rows the way the table orders its rows.
+    cnf_runs = _sort_in_table_order(runs[runs["kind"] == "cnf"], ["batch_size"], ["lr", "cell_id", "seed"])
     table = aggregate_table(cnf_runs) if not cnf_runs.empty else pd.DataFrame()
     sections = [f"# Report: {experiment}", ""]
     sections.append(f"{len(runs)} runs: {int((runs['status'] == 'finished').sum())} finished, "
@@ -249,7 +272,7 @@ def build_report(experiment: str, out_dir: str | Path, tracking_uri: str | None 
             f"Each run re-evaluated its selected checkpoint on the test set at tighter tolerances. "
             f"{moved} of {len(stability)} runs moved by more than 0.001 bits/dim or 0.5 error points.",
             "",
-            stability.to_markdown(index=False, floatfmt=".2g"),
+            _format_stability(stability).to_markdown(index=False, disable_numparse=True),
             "",
         ]
     sections += latent_ode_section(experiment, runs, out, tracking_uri)

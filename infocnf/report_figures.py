@@ -69,48 +69,70 @@ def plot_curves(experiment: str, runs: pd.DataFrame, out: Path, tracking_uri: st
 def plot_tolerance_distributions(
     experiment: str, runs: pd.DataFrame, out: Path, tracking_uri: str | None
 ) -> list[tuple[str, Path]]:
-    """Per block, the learned log10 tolerance sampled by the gates on train and test data."""
+    """Per block, the learned log10 tolerance sampled by the gates on train and test data.
+
+    Writes one figure per learned cell, in the order the cells first appear in ``runs``. All
+    figures share one log10 tolerance range on the y-axis, so cells can be compared by eye.
+    """
     client, _, _ = open_tracking(tracking_uri, experiment)
     learned = runs[(runs["status"] == "finished") & (runs["tolerance"] == "learned")]
-    figures = []
+    cells = []
     for cell_id, group in learned.groupby("cell_id", sort=False):
-        frames = []
-        for run_id in group["run_id"]:
-            with tempfile.TemporaryDirectory() as tmp:
-                try:
-                    local = client.download_artifacts(run_id, "tolerances.csv", tmp)
-                except Exception as exc:  # A run without the artifact is skipped with a log line.
-                    log.warning("run %s has no tolerances.csv (%s); left out of the distribution plot", run_id, exc)
-                    continue
-                frames.append(pd.read_csv(local))
-        if not frames:
-            continue
-        data = pd.concat(frames)
-        blocks = sorted(data["block"].unique())
-        fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(blocks) + 2), 4))
-        positions, values, colors = [], [], []
-        for i, block in enumerate(blocks):
-            for j, (split, color) in enumerate((("train", "tab:blue"), ("test", "tab:orange"))):
-                v = data[(data["block"] == block) & (data["split"] == split)]["log10_tolerance"].to_numpy()
-                if v.size:
-                    positions.append(i * 3 + j)
-                    values.append(v)
-                    colors.append(color)
-        parts = ax.violinplot(values, positions=positions, showmedians=True)
-        for body, color in zip(parts["bodies"], colors):
-            body.set_facecolor(color)
-        ax.set_xticks([i * 3 + 0.5 for i in range(len(blocks))], [f"block {b}" for b in blocks])
-        ax.set_ylabel("log10 tolerance sampled by the gate")
-        ax.plot([], [], color="tab:blue", label="train")
-        ax.plot([], [], color="tab:orange", label="test")
-        ax.legend()
-        ax.set_title(f"learned tolerances, {len(frames)} seeds\n{cell_id.replace(',', ', ')}", fontsize=9)
-        fig.tight_layout()
+        frames = _download_tolerances(client, group["run_id"])
+        if frames:
+            cells.append((cell_id, pd.concat(frames), len(frames)))
+    if not cells:
+        return []
+    values = pd.concat([data["log10_tolerance"] for _, data, _ in cells])
+    low, high = float(values.min()), float(values.max())
+    # 5 % headroom above and below; a single sampled value gets half a decade either side.
+    pad = 0.05 * (high - low) if high > low else 0.5
+    ylim = (low - pad, high + pad)
+    figures = []
+    for cell_id, data, seeds in cells:
         path = out / f"tolerances_{_safe(cell_id)}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
+        _plot_tolerance_violins(data, f"learned tolerances, {seeds} seeds\n{cell_id.replace(',', ', ')}", ylim, path)
         figures.append((f"Learned tolerance distribution: {cell_id}", path))
     return figures
+
+
+def _download_tolerances(client, run_ids: pd.Series) -> list[pd.DataFrame]:
+    frames = []
+    for run_id in run_ids:
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                local = client.download_artifacts(run_id, "tolerances.csv", tmp)
+            except Exception as exc:  # A run without the artifact is skipped with a log line.
+                log.warning("run %s has no tolerances.csv (%s); left out of the distribution plot", run_id, exc)
+                continue
+            frames.append(pd.read_csv(local))
+    return frames
+
+
+def _plot_tolerance_violins(data: pd.DataFrame, title: str, ylim: tuple[float, float], path: Path) -> None:
+    blocks = sorted(data["block"].unique())
+    fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(blocks) + 2), 4))
+    positions, values, colors = [], [], []
+    for i, block in enumerate(blocks):
+        for j, (split, color) in enumerate((("train", "tab:blue"), ("test", "tab:orange"))):
+            v = data[(data["block"] == block) & (data["split"] == split)]["log10_tolerance"].to_numpy()
+            if v.size:
+                positions.append(i * 3 + j)
+                values.append(v)
+                colors.append(color)
+    parts = ax.violinplot(values, positions=positions, showmedians=True)
+    for body, color in zip(parts["bodies"], colors):
+        body.set_facecolor(color)
+    ax.set_xticks([i * 3 + 0.5 for i in range(len(blocks))], [f"block {b}" for b in blocks])
+    ax.set_ylim(*ylim)
+    ax.set_ylabel("log10 tolerance sampled by the gate")
+    ax.plot([], [], color="tab:blue", label="train")
+    ax.plot([], [], color="tab:orange", label="test")
+    ax.legend()
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def _safe(text: str) -> str:

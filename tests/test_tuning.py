@@ -191,7 +191,8 @@ def test_tune_tolerance_rejects_fixed_grid_method(tmp_path):
 @pytest.mark.parametrize(
     "flags,match",
     [
-        (["--trials", "0"], "invalid trials = 0"),
+        (["--trials", "0"], "invalid --trials 0: expected an integer >= 1"),
+        (["--trials", "2", "--epochs", "0"], "invalid --epochs 0: expected an integer >= 1"),
         (["--trials", "2", "--log10-min", "-2", "--log10-max", "-3"], "log10_min = -2.0 is not below log10_max = -3.0"),
         (["--trials", "2", "--threads", "0"], "invalid --threads 0"),
     ],

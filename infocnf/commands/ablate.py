@@ -6,6 +6,8 @@ import argparse
 import logging
 import os
 
+from ._common import add_no_progress_option, add_tracking_uri_option
+
 __all__ = ["register"]
 
 log = logging.getLogger(__name__)
@@ -20,17 +22,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "interrupted ones from their checkpoints.",
     )
     parser.add_argument("grid", help="TOML grid file, for example ablations/digits.toml")
-    parser.add_argument(
-        "--tracking-uri",
-        help="MLflow tracking URI (default: sqlite:///mlflow.db in the working directory; a server's "
-        "http://HOST:PORT or a database URI also work)",
-    )
+    add_tracking_uri_option(parser)
     parser.add_argument("--experiment", help="MLflow experiment name (default: the grid's [grid] experiment)")
     parser.add_argument("--runs-dir", default="runs", help="folder for checkpoints and run files (default: runs)")
     parser.add_argument("--retry-failed", action="store_true", help="rerun cells whose runs failed earlier")
     parser.add_argument("--dry-run", action="store_true", help="validate and print the plan, run nothing")
     parser.add_argument("--report", metavar="DIR", help="write the report into DIR when the grid is done")
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    add_no_progress_option(parser)
     shared = parser.add_argument_group(
         "several workers", "Start the same command on every worker: each claims runs from a queue in --storage."
     )

@@ -13,6 +13,16 @@ from ..density_check import (
     load_density_check_config,
     save_density_check_config,
 )
+from ._common import (
+    add_config_option,
+    add_no_progress_option,
+    add_output_option,
+    add_override_option,
+    add_threads_option,
+    add_tracking_uri_option,
+    format_duration,
+    set_torch_threads,
+)
 
 __all__ = ["register"]
 
@@ -30,57 +40,47 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "Without --config it runs the reference setting: three 1-D Gaussians with means -2.8, -0.9 and "
         "2.0, variance 0.4, equal weights, tolerances 1e-1 to 1e-8, threshold 1e-3 on |∫p - 1|.",
     )
-    parser.add_argument(
-        "--config",
-        metavar="FILE",
-        help="TOML density-check config (configs/density-check-1d.toml, configs/density-check-2d.toml); "
+    add_config_option(
+        parser,
+        "TOML density-check config (configs/density-check-1d.toml, configs/density-check-2d.toml); "
         "default: the reference 1-D setting",
+        required=False,
     )
-    parser.add_argument(
-        "--output",
-        metavar="DIR",
-        help="output folder; a model.pt there trained with the same settings is reused instead of retrained "
+    add_output_option(
+        parser,
+        "output folder; a model.pt there trained with the same settings is reused instead of retrained "
         "(default: runs/density-check/<config file name>, or runs/density-check/reference without --config)",
+        required=False,
     )
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config field, in TOML syntax, for example --set sweep.threshold=1e-4 "
-        "--set 'sweep.tolerances=[1e-3, 1e-5, 1e-8]' --set conditioning.method=ccnf (repeatable). "
-        "Each tolerance sets atol = rtol of a solve, and sweep.threshold bounds |∫p - 1|, a unitless "
-        "number. sweep.low and sweep.high are in data units, sweep.points counts grid points per axis, and "
+    add_override_option(
+        parser,
+        "--set sweep.threshold=1e-4 --set 'sweep.tolerances=[1e-3, 1e-5, 1e-8]' --set conditioning.method=ccnf",
+        "Each tolerance sets atol = rtol of a solve, and sweep.threshold bounds |∫p - 1|, a unitless number. "
+        "sweep.low and sweep.high are in data units, sweep.points counts grid points per axis, and "
         "train.iterations counts Adam steps",
     )
-    parser.add_argument(
-        "--threads",
-        type=int,
-        metavar="N",
-        default=1,
-        help="CPU threads torch may use (default 1: these small networks gain little from more, and extra "
+    add_threads_option(
+        parser,
+        "CPU threads torch may use (default 1: these small networks gain little from more, and extra "
         "threads slow down sharply when other processes share the cores)",
+        default=1,
     )
-    parser.add_argument(
-        "--tracking-uri",
-        help="MLflow tracking URI to record the check in, as experiment infocnf-density-check (default: "
+    add_tracking_uri_option(
+        parser,
+        "MLflow tracking URI to record the check in, as experiment infocnf-density-check (default: "
         "sqlite:///mlflow.db in the working directory, the store `infocnf ablate` uses)",
     )
     parser.add_argument("--no-tracking", action="store_true", help="do not record the check in MLflow")
-    parser.add_argument("--no-progress", action="store_true", help="hide the training progress bar")
+    add_no_progress_option(parser, "hide the training progress bar")
     parser.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
     from tqdm.auto import tqdm
 
     from ..density_check import load_or_train_density_model, sweep_tolerances, write_sweep_outputs
 
-    if args.threads < 1:
-        raise ValueError(f"invalid --threads {args.threads}: expected an integer >= 1")
-    torch.set_num_threads(args.threads)
+    set_torch_threads(args.threads)
     config = load_density_check_config(args.config) if args.config else DensityCheckConfig()
     config = apply_density_check_overrides(config, args.overrides)
     name = Path(args.config).stem if args.config else "reference"
@@ -116,6 +116,6 @@ def run(args: argparse.Namespace) -> int:
         from ..density_check.tracking import log_density_check
 
         log_density_check(config, table, paths, args.tracking_uri, run_name=name)
-    log.info("training or loading %.0f s, sweep %.0f s; wrote %s", train_elapsed_s, sweep_elapsed_s,
-             ", ".join(str(p) for p in paths.values()))
+    log.info("training or loading %s, sweep %s; wrote %s", format_duration(train_elapsed_s),
+             format_duration(sweep_elapsed_s), ", ".join(str(p) for p in paths.values()))
     return 0

@@ -6,6 +6,17 @@ import argparse
 import logging
 import math
 
+from ._common import (
+    add_config_option,
+    add_no_progress_option,
+    add_no_resume_option,
+    add_output_option,
+    add_override_option,
+    add_seed_option,
+    collect_overrides,
+    format_duration,
+)
+
 __all__ = ["register"]
 
 log = logging.getLogger(__name__)
@@ -21,29 +32,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "Mean squared errors are in squared data units; times and rates use the spiral's time unit, in which "
         "the angle turns 1 rad per unit.",
     )
-    parser.add_argument(
-        "--config", required=True, metavar="FILE",
-        help="TOML config file, for example configs/latent-ode-quick.toml",
+    add_config_option(parser, "TOML config file, for example configs/latent-ode-quick.toml")
+    add_output_option(
+        parser,
+        "output folder for this run; a run of the same config interrupted there resumes after its last "
+        "finished epoch",
     )
-    parser.add_argument(
-        "--output", required=True, metavar="DIR",
-        help="output folder for this run; files already there are overwritten",
+    add_override_option(
+        parser,
+        "--set prior.method=none --set train.epochs=5 --set solver.rtol=1e-3",
+        "Tolerances are unitless, and epochs count passes over data.num_train",
     )
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config field, value in TOML syntax (repeatable): --set prior.method=none "
-        "--set train.epochs=5 --set solver.rtol=1e-3 (tolerances are unitless; epochs count passes over data.num_train)",
-    )
-    parser.add_argument(
-        "--seed", type=int, metavar="N",
-        help="random seed (an integer >= 0) for initialisation, batches and sampling; overrides seed. "
+    add_seed_option(
+        parser,
+        "random seed (an integer >= 0) for initialisation, batches and sampling; overrides seed. "
         "The spirals come from data.seed",
     )
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    add_no_resume_option(parser)
+    add_no_progress_option(parser)
     parser.set_defaults(handler=run)
 
 
@@ -51,13 +57,9 @@ def run(args: argparse.Namespace) -> int:
     from ..latent_ode import apply_latent_ode_overrides, load_latent_ode_config, plot_trajectories, run_latent_ode
     from ..progress import EpochProgress
 
-    config = load_latent_ode_config(args.config)
-    overrides = list(args.overrides)
-    if args.seed is not None:
-        overrides.append(f"seed={args.seed}")
-    config = apply_latent_ode_overrides(config, overrides)
+    config = apply_latent_ode_overrides(load_latent_ode_config(args.config), collect_overrides(args, {"seed": "seed"}))
     callbacks = [] if args.no_progress else [EpochProgress()]
-    result = run_latent_ode(config, args.output, callbacks)
+    result = run_latent_ode(config, args.output, callbacks, resume=not args.no_resume)
     if result.status != "finished":
         log.error("run ended with status %s: %s", result.status, result.reason)
         return 1
@@ -70,6 +72,6 @@ def run(args: argparse.Namespace) -> int:
     )
     if not math.isnan(m["test_error"]):
         summary += f", direction error {100 * m['test_error']:.1f} %"
-    summary += f", probe error {100 * m['test_probe_error']:.1f} %, {m['elapsed_s']:.0f} s"
+    summary += f", probe error {100 * m['test_probe_error']:.1f} %, {format_duration(m['elapsed_s'])}"
     log.info("finished: %s; results in %s", summary, args.output)
     return 0

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from ._common import add_tracking_uri_option
+
 __all__ = ["register"]
 
 
@@ -16,9 +18,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--experiment", required=True, help="MLflow experiment name, for example infocnf-digits")
     parser.add_argument("--out", default="reports/latest", help="output folder (default: reports/latest)")
-    parser.add_argument(
-        "--tracking-uri", help="MLflow tracking URI (default: sqlite:///mlflow.db in the working directory)"
-    )
+    add_tracking_uri_option(parser)
     parser.set_defaults(handler=run)
 
 

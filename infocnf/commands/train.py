@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 
 from ..config import apply_overrides, load_config
 from ..progress import EpochProgress
+from ._common import (
+    add_config_option,
+    add_no_progress_option,
+    add_no_resume_option,
+    add_output_option,
+    add_override_option,
+    add_seed_option,
+    collect_overrides,
+    format_duration,
+)
 
 __all__ = ["register"]
 
@@ -21,38 +30,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Train one CNF run and write config.toml, metrics.json, history.csv and checkpoints/ "
         "to the output folder. Rerunning with the same folder resumes from its last checkpoint.",
     )
-    parser.add_argument("--config", required=True, help="TOML run config (see configs/ for examples)")
-    parser.add_argument("--output", required=True, help="output folder for this run")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config field, in TOML syntax: --set train.lr=1e-3 --set solver.tolerance.value=1e-4 "
-        "(repeatable)",
-    )
-    parser.add_argument("--seed", type=int, help="random seed for everything (overrides seed)")
+    add_config_option(parser)
+    add_output_option(parser, "output folder for this run")
+    add_override_option(parser, "--set train.lr=1e-3 --set solver.tolerance.value=1e-4")
+    add_seed_option(parser, "random seed for everything (overrides seed)")
     parser.add_argument("--epochs", type=int, help="number of training epochs (overrides train.epochs)")
     parser.add_argument("--batch-size", type=int, help="training batch size in examples (overrides train.batch_size)")
     parser.add_argument("--lr", type=float, help="Adam learning rate (overrides train.lr)")
     parser.add_argument("--device", help="auto, cpu or cuda[:N] (overrides train.device)")
-    parser.add_argument("--no-resume", action="store_true", help="start from scratch even if a checkpoint exists")
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    add_no_resume_option(parser)
+    add_no_progress_option(parser)
     parser.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from ..train import Trainer
 
-    config = load_config(args.config)
-    overrides = list(args.overrides)
-    for flag, key in (("seed", "seed"), ("epochs", "train.epochs"), ("batch_size", "train.batch_size"),
-                      ("lr", "train.lr"), ("device", "train.device")):
-        value = getattr(args, flag)
-        if value is not None:
-            overrides.append(f"{key}={json.dumps(value)}")
-    config = apply_overrides(config, overrides)
+    fields = {"seed": "seed", "epochs": "train.epochs", "batch_size": "train.batch_size", "lr": "train.lr",
+              "device": "train.device"}
+    config = apply_overrides(load_config(args.config), collect_overrides(args, fields))
     callbacks = [] if args.no_progress else [EpochProgress()]
     result = Trainer(config, args.output, callbacks).fit(resume=not args.no_resume)
     if result.status != "finished":
@@ -62,6 +58,6 @@ def run(args: argparse.Namespace) -> int:
     summary = f"test bits/dim {m['test_bits_per_dim']:.4f}"
     if m["test_error"] == m["test_error"]:
         summary += f", test error {100 * m['test_error']:.2f} %"
-    summary += f", train NFE forward {m['train_nfe_forward']:.1f}, {m['elapsed_s']:.0f} s"
+    summary += f", train NFE forward {m['train_nfe_forward']:.1f}, {format_duration(m['elapsed_s'])}"
     log.info("finished: %s; results in %s", summary, args.output)
     return 0

@@ -8,6 +8,15 @@ import math
 from pathlib import Path
 
 from ..config import apply_overrides, load_config
+from ._common import (
+    add_config_option,
+    add_no_progress_option,
+    add_output_option,
+    add_override_option,
+    add_threads_option,
+    require_positive_int,
+    set_torch_threads,
+)
 
 __all__ = ["register"]
 
@@ -43,9 +52,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
 
-    parser.add_argument("--config", required=True, help="TOML run config (see configs/ for examples)")
-    parser.add_argument("--trials", type=int, required=True, help="trials the study should contain in total, counting earlier runs")
-    parser.add_argument("--output", help="output folder (default: tune-tolerance-<config name>)")
+    add_config_option(parser)
+    parser.add_argument(
+        "--trials", type=int, required=True, metavar="N",
+        help="trials the study should contain in total, counting earlier runs (an integer >= 1)",
+    )
+    add_output_option(parser, "output folder (default: tune-tolerance-<config name>)", required=False)
     parser.add_argument("--storage", default="", help="Optuna storage URL (default: sqlite:///<output>/study.db)")
     parser.add_argument("--study-name", help="Optuna study name (default: the config file name without .toml)")
     parser.add_argument(
@@ -60,32 +72,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="relative validation bits/dim slack of the chosen trial over the best, 0.01 = 1 %% (default: 0.01)",
     )
 
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config field, in TOML syntax: --set model.hidden_dims=[32,32] (repeatable)",
+    add_override_option(parser, "--set model.hidden_dims=[32,32]")
+    add_threads_option(
+        parser, "CPU threads for torch (default: torch's choice); 1 is often faster for small models on a busy machine"
     )
-    parser.add_argument(
-        "--threads",
-        type=int,
-        help="CPU threads for torch (default: torch's choice); 1 is often faster for small models on a busy machine",
-    )
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    add_no_progress_option(parser)
     parser.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
     import optuna
-    import torch
     from tqdm.auto import tqdm
-    from tqdm.contrib.logging import logging_redirect_tqdm
 
     from ..progress import EpochProgress
     from ..tuning import TuneConfig, tune_tolerance
 
+    # TuneConfig checks these too, but its messages name the fields, not the options.
+    require_positive_int("--trials", args.trials, "the total number of trials the study should contain")
+    if args.epochs is not None:
+        require_positive_int("--epochs", args.epochs, "the training epochs per trial")
     config_path = Path(args.config)
     # Flags left out fall back to the TuneConfig defaults, which the help texts repeat.
     given = {
@@ -94,10 +99,7 @@ def run(args: argparse.Namespace) -> int:
         if getattr(args, name) is not None
     }
     tune = TuneConfig(trials=args.trials, study_name=args.study_name or config_path.stem, storage=args.storage, **given)
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"invalid --threads {args.threads}: expected an integer >= 1")
-        torch.set_num_threads(args.threads)
+    set_torch_threads(args.threads)
     config = apply_overrides(load_config(config_path), args.overrides)
     output = Path(args.output or f"tune-tolerance-{config_path.stem}")
 
@@ -122,12 +124,11 @@ def run(args: argparse.Namespace) -> int:
     def trainer_bars() -> list[EpochProgress]:
         return [] if args.no_progress else [EpochProgress(position=1, leave=False)]
 
-    with logging_redirect_tqdm():
-        try:
-            result = tune_tolerance(config, output, tune, [update_bar], trainer_bars, start_bar)
-        finally:
-            if "trials" in bars:
-                bars["trials"].close()
+    try:
+        result = tune_tolerance(config, output, tune, [update_bar], trainer_bars, start_bar)
+    finally:
+        if "trials" in bars:
+            bars["trials"].close()
 
     if result.chosen_trial is None:
         log.error("no trial finished, so no tolerances were chosen; see %s for each failure", result.files["trials_md"])
