@@ -58,6 +58,6 @@ def check_config_hash(state: dict[str, Any], expected: str, path: str | Path) ->
     if state["config_hash"] != expected:
         raise ValueError(
             f"checkpoint {path} belongs to a different config (hash {state['config_hash']}, this run "
-            f"{expected}); use a new output folder, restore the original config, or pass --no-resume "
-            f"to start this run from scratch"
+            f"{expected}); use a new output folder (--output DIR) or restore the original config, or pass "
+            f"--no-resume to start over in this folder and replace its checkpoints (fit(resume=False) in Python)"
         )

@@ -27,6 +27,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from .checkpoints import load_checkpoint
 from .data import Split
 from .evaluate import evaluate
 from .solve import SOLVE_STATUSES, SolveError
@@ -235,8 +236,8 @@ class DataParallel:
         the CPU, and load_state_dict copies them to each rank's device.
         """
         state = None
-        if self.is_main and path.is_file():
-            state = torch.load(path, map_location="cpu", weights_only=False)
+        if self.is_main:
+            state = load_checkpoint(path)
         box = [state]
         dist.broadcast_object_list(box, src=0)
         state = box[0]

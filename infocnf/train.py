@@ -16,6 +16,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from .checkpoints import capture_rng_state, check_config_hash, load_checkpoint, restore_rng_state, save_checkpoint
 from .config import RunConfig, config_hash, save_config
 from .data import DataSplits, dequantize, iterate_batches, load_splits, random_horizontal_flip
 from .distributed import join_process_group
@@ -164,22 +165,13 @@ class Trainer:
             "history": self.history,
             "best": self.best,
             "elapsed_s": self.elapsed_s,
-            "rng": {
-                "python": random.getstate(),
-                "numpy": np.random.get_state(),
-                "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            },
+            "rng": capture_rng_state(),
         }
 
     def _save(self, name: str, state: dict[str, Any] | None = None) -> None:
         if self.data_parallel and not self.data_parallel.is_main:
             return
-        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        path = self.checkpoint_dir / name
-        tmp = path.with_suffix(".tmp")
-        torch.save(state or self._state(), tmp)
-        os.replace(tmp, path)  # Atomic: an interrupted save never leaves a half-written checkpoint.
+        save_checkpoint(state or self._state(), self.checkpoint_dir / name)
 
     def resume(self) -> bool:
         """Load checkpoints/last.pt if present; returns whether training resumes from it."""
@@ -187,11 +179,7 @@ class Trainer:
         state = self._load(path)
         if state is None:
             return False
-        if state["config_hash"] != self.config_hash:
-            raise ValueError(
-                f"checkpoint {path} belongs to a different config (hash {state['config_hash']}, this run "
-                f"{self.config_hash}); use a new output folder or restore the original config"
-            )
+        check_config_hash(state, self.config_hash, path)
         self.model.load_state_dict(state["model"])
         self.policy.load_state_dict(state["policy"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -199,11 +187,7 @@ class Trainer:
             self.gate_optimizer.load_state_dict(state["gate_optimizer"])
         self.epoch, self.iteration = state["epoch"], state["iteration"]
         self.history, self.best, self.elapsed_s = state["history"], state["best"], state["elapsed_s"]
-        random.setstate(state["rng"]["python"])
-        np.random.set_state(state["rng"]["numpy"])
-        torch.set_rng_state(state["rng"]["torch"].cpu())
-        if state["rng"]["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all([s.cpu() for s in state["rng"]["cuda"]])
+        restore_rng_state(state["rng"])
         log.info("resumed from %s after epoch %d", path, self.epoch)
         return True
 
@@ -211,7 +195,7 @@ class Trainer:
         # Under torchrun rank 0 reads the file and sends it to the other ranks.
         if self.data_parallel:
             return self.data_parallel.load(path)
-        return torch.load(path, map_location=self.device, weights_only=False) if path.is_file() else None
+        return load_checkpoint(path, self.device)
 
     # Events ----------------------------------------------------------------------------------
 

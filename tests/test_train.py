@@ -15,7 +15,9 @@ from infocnf.config import (
     ToleranceConfig,
     TrainConfig,
     load_config,
+    save_config,
 )
+from infocnf.cli import main
 from infocnf.train import Trainer, learning_rate_at, train_run
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -119,6 +121,19 @@ def test_train_resume_rejects_other_config(tmp_path):
     Trainer(tiny_config(epochs=1), tmp_path).fit()
     with pytest.raises(ValueError, match="belongs to a different config"):
         Trainer(tiny_config(epochs=1, lr=2e-3), tmp_path).fit()
+
+
+def test_cli_train_other_config_suggests_no_resume(tmp_path, capsys):
+    save_config(tiny_config(epochs=1), tmp_path / "tiny.toml")
+    args = ["train", "--config", str(tmp_path / "tiny.toml"), "--output", str(tmp_path / "run"), "--no-progress"]
+    assert main(args) == 0
+    assert main([*args, "--lr", "2e-3"]) == 2
+    err = capsys.readouterr().err
+    assert "belongs to a different config" in err
+    assert "use a new output folder (--output DIR) or restore the original config" in err
+    assert "pass --no-resume to start over in this folder" in err
+    assert main([*args, "--lr", "2e-3", "--no-resume"]) == 0
+    assert load_config(tmp_path / "run" / "config.toml").train.lr == 2e-3
 
 
 def test_train_diverged_run_reports_status(tmp_path):
