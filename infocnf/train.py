@@ -213,7 +213,10 @@ class Trainer:
         cfg = self.config
         self.model.train()
         self.policy.train()
-        sums: dict[str, float] = {"loss": 0.0, "nll_bpd": 0.0, "cross_entropy": 0.0, "errors": 0.0, "examples": 0.0}
+        sums: dict[str, float] = {"loss": 0.0, "examples": 0.0}
+        # Sums of nll_bpd and cross_entropy times the batch size, and of misclassified examples. They
+        # stay on the device until the epoch ends, so that logging them costs no host-device sync.
+        device_sums = torch.zeros(3, dtype=torch.float64, device=self.device)
         nfe_fwd, nfe_bwd = [], []
         block_fwd, block_bwd, block_tols = [], [], []
         batches = iterate_batches(
@@ -258,11 +261,11 @@ class Trainer:
 
             count = labels.shape[0]
             sums["loss"] += loss_value * count
-            sums["nll_bpd"] += float(parts["nll_bpd"]) * count
-            if "cross_entropy" in parts:
-                sums["cross_entropy"] += float(parts["cross_entropy"]) * count
-                sums["errors"] += float((out.logits.argmax(1) != labels).sum())
             sums["examples"] += count
+            device_sums[0] += torch.as_tensor(parts["nll_bpd"]).detach().double() * count
+            if "cross_entropy" in parts:
+                device_sums[1] += torch.as_tensor(parts["cross_entropy"]).detach().double() * count
+                device_sums[2] += (out.logits.argmax(1) != labels).sum()
             # Backward NFE is known only now, after loss.backward().
             nfe_fwd.append(sum(s.nfe_forward for s in out.stats))
             nfe_bwd.append(sum(s.nfe_backward for s in out.stats))
@@ -272,6 +275,7 @@ class Trainer:
             self._emit("on_iteration", step + 1, per_epoch)
 
         n = sums["examples"]
+        sums["nll_bpd"], sums["cross_entropy"], sums["errors"] = device_sums.tolist()
         row = {
             "train_loss": sums["loss"] / n,
             "train_bits_per_dim": sums["nll_bpd"] / n,
