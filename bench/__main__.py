@@ -75,6 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output-dir", default=str(Path(__file__).resolve().parent),
                         help="folder for RESULTS.md, results.json and results.png (default: the bench package folder)")
     parser.add_argument("--json-only", action="store_true", help="write results.json only")
+    parser.add_argument(
+        "--render",
+        metavar="RESULTS_JSON",
+        help="measure nothing: rewrite RESULTS.md and results.png in the output folder from this results.json "
+        "(after a change to the report's layout)",
+    )
     parser.add_argument("--compare", nargs="*", default=[], metavar="RESULTS_JSON",
                         help="earlier results.json files, in order, shown as before/after rows in RESULTS.md")
     return parser
@@ -113,8 +119,11 @@ def main(argv: list[str] | None = None) -> int:
         device = resolve_device(args.device)
         options = _options(args)
         history = [load_results(path) for path in args.compare]
-        results = run_suite(options, device)
-        results["command"] = shlex.join(["python", "-m", "bench", *argv])
+        if args.render:
+            results = load_results(args.render)
+        else:
+            results = run_suite(options, device)
+            results["command"] = shlex.join(["python", "-m", "bench", *argv])
         for path in write_results(results, args.output_dir, history, json_only=args.json_only):
             log.info("wrote %s", path)
     except ValueError as exc:

@@ -235,6 +235,21 @@ def test_evaluate_targets_combines_solver_and_trainer_overhead():
     assert combined["met"] is True
     assert rows["MLflow logging overhead"]["met"] is False
     assert rows["the same, cost model without the profiler"]["value"] == 0.06
+    assert "lower bound of solver + harness overhead" not in rows  # No Euler-chain floor measured.
+
+
+def test_evaluate_targets_floor_with_trainer():
+    results = {
+        "settings": {"reference_batch": 64, "reference_tolerance": 1e-5},
+        "profile": {"cells": [{"batch_size": 64, "tolerance": 1e-5, "split": {"overhead_share": 0.4},
+                               "field_cost": {"overhead_share": 0.4, "floor_share": 0.08}}]},
+        "harness": {"trainer_overhead_share": 0.03, "mlflow": {"share_of_fit": 0.01}},
+    }
+    rows = {row["name"]: row for row in evaluate_targets(results)}
+    assert rows["lower bound: the same loop with each solve replaced by an Euler chain of equal NFE"]["value"] == 0.08
+    floor = rows["lower bound of solver + harness overhead"]
+    assert floor["value"] == pytest.approx(1 - 0.92 * 0.97, abs=1e-12)
+    assert floor["met"] is None
 
 
 def test_evaluate_targets_unmeasured_is_none():
@@ -267,6 +282,24 @@ def test_run_suite_writes_json_markdown_and_plot(tmp_path):
     assert (tmp_path / "results.png").stat().st_size > 0
 
 
+def test_cli_render_rewrites_report_only(tmp_path):
+    results = {
+        "created": "2026-01-01T00:00:00", "label": "stored", "command": "python -m bench (stored)",
+        "settings": {"reference_batch": 64, "reference_tolerance": 1e-5},
+        "machine": {"cpu": "test cpu", "cpu_count": 2, "memory_gib": 1.0, "device": "cpu", "torch_threads": 1,
+                    "python": "3", "torch": "2", "torchdiffeq": "0.2", "mlflow": "3"},
+        "load_average_start": [0.5, 0.5, 0.5], "load_average_end": [0.5, 0.5, 0.5], "elapsed_s": 1.0,
+    }
+    stored = tmp_path / "stored.json"
+    stored.write_text(json.dumps(results))
+    out = tmp_path / "out"
+    assert main(["--render", str(stored), "--output-dir", str(out)]) == 0
+    assert json.loads((out / "results.json").read_text()) == results
+    markdown = (out / "RESULTS.md").read_text()
+    assert "python -m bench (stored)" in markdown
+    assert "## Targets" in markdown
+
+
 def test_render_markdown_marks_shared_machine():
     results = {
         "created": "2026-01-01T00:00:00", "label": "", "settings": {"reference_batch": 64, "reference_tolerance": 1e-5},
@@ -285,6 +318,7 @@ def test_render_markdown_marks_shared_machine():
         (["--threads", "0"], "invalid --threads 0"),
         (["--device", "tpu"], "invalid --device 'tpu'"),
         (["--compare", "missing.json"], "results file not found"),
+        (["--render", "missing.json"], "results file not found"),
     ],
 )
 def test_cli_bad_input_exits_2(argv, message, tmp_path, capsys):
