@@ -415,6 +415,7 @@ def test_cli_density_check_writes_outputs(tmp_path, capsys):
     lines = report_section(report, uri)
     assert "## Density validity: 1-D tolerance sweep" in lines
     assert any("Verdict:" in line for line in lines)
+    assert "\n".join(lines).count("Verdict:") == 1
     assert (report / "density_sweep.png").is_file()
 
 

@@ -11,7 +11,6 @@ import pandas as pd
 
 from ..tracking import TAG_PREFIX, log_params, open_tracking
 from .config import DensityCheckConfig
-from .outputs import format_verdict
 from .sweep import choose_verdict_tolerance
 
 __all__ = ["DENSITY_CHECK_EXPERIMENT", "log_density_check", "report_section"]
@@ -93,17 +92,14 @@ def report_section(out: Path, tracking_uri: str | None) -> list[str]:
         except Exception as exc:  # A run without its outputs is reported, not fatal.
             log.warning("density check run %s has no outputs (%s)", run.info.run_id, exc)
             return lines + [f"The latest density check (run {run.info.run_id}) has no stored outputs.", ""]
-        table = pd.read_csv(table_path)
-        threshold = float(run.data.params.get("sweep.threshold", "1e-3"))
         shutil.copy(plot_path, out / "density_sweep.png")
         shutil.copy(table_path, out / "density_sweep.csv")
         lines += [
             f"MLflow run `{run.info.run_id}` ({run.info.run_name}): ∫p(x) dx by a log-space Riemann sum at each "
             f"solver tolerance, cross-checked with scipy.integrate.quad.",
             "",
+            # The stored Markdown ends with the verdict line.
             markdown_path.read_text().strip(),
-            "",
-            format_verdict(table, threshold),
             "",
             "![|∫p − 1| and NFE against tolerance](density_sweep.png)",
             "",
