@@ -69,6 +69,7 @@ def add_tracking_uri_option(parser: argparse.ArgumentParser, help: str = _TRACKI
 
 
 def add_no_resume_option(parser: argparse.ArgumentParser) -> None:
+    """Add ``--no-resume``, which starts a run over instead of resuming it from its checkpoint."""
     parser.add_argument(
         "--no-resume",
         action="store_true",
