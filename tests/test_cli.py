@@ -106,3 +106,13 @@ def test_logging_above_bars_without_console_handler():
     with logging_above_bars():
         assert root.handlers == before
     assert root.handlers == before
+
+
+@pytest.mark.parametrize("flag", ["--output", "--out"])
+def test_report_output_option_and_alias(flag):
+    args = build_parser().parse_args(["report", "--experiment", "exp", flag, "folder"])
+    assert args.out == "folder"
+
+
+def test_report_output_default():
+    assert build_parser().parse_args(["report", "--experiment", "exp"]).out == "reports/latest"

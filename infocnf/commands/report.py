@@ -17,7 +17,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "curves.png, learned-tolerance plots, failures.csv and index.md into the output folder.",
     )
     parser.add_argument("--experiment", required=True, help="MLflow experiment name, for example infocnf-digits")
-    parser.add_argument("--out", default="reports/latest", help="output folder (default: reports/latest)")
+    # --out is the option's earlier name, kept so that existing scripts still run.
+    parser.add_argument(
+        "--output", "--out", dest="out", metavar="DIR", default="reports/latest",
+        help="output folder (default: reports/latest)",
+    )
     add_tracking_uri_option(parser)
     parser.set_defaults(handler=run)
 
