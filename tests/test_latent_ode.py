@@ -453,6 +453,21 @@ def test_latent_ode_resume_exact(tmp_path, method):
             assert resumed.metrics[key] == value or (math.isnan(value) and math.isnan(resumed.metrics[key])), key
 
 
+class _OutOfMemoryOnSecondIteration:
+    def on_iteration(self, trainer, iteration, iterations_per_epoch):
+        if trainer.iteration == 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (raised by the test)")
+
+
+def test_latent_ode_out_of_memory_recorded(tmp_path):
+    result = run_latent_ode(tiny_config(trajectory_spirals=0), tmp_path, [_OutOfMemoryOnSecondIteration()])
+    assert result.status == "out_of_memory"
+    assert "lower train.batch_size" in result.reason
+    record = json.loads((tmp_path / "metrics.json").read_text())
+    assert record["status"] == "out_of_memory"
+    assert record["epochs_completed"] == 0.0
+
+
 def test_latent_ode_no_resume_starts_over(tmp_path):
     config = tiny_config(trajectory_spirals=0)
     with pytest.raises(_Interrupt):

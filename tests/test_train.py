@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 
 from infocnf.config import (
     ConditioningConfig,
@@ -170,3 +171,17 @@ def test_learning_rate_at_cifar10_preset():
     assert learning_rate_at(config, 249, 0) == pytest.approx(1e-3)
     assert learning_rate_at(config, 250, 0) == pytest.approx(1e-4)
     assert learning_rate_at(config, 399, 0) == pytest.approx(1e-4)
+
+
+class OutOfMemoryOnSecondIteration:
+    def on_iteration(self, trainer, iteration, iterations_per_epoch):
+        if trainer.iteration == 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (raised by the test)")
+
+
+def test_train_out_of_memory_recorded(tmp_path):
+    result = Trainer(tiny_config(epochs=1), tmp_path, callbacks=[OutOfMemoryOnSecondIteration()]).fit()
+    assert result.status == "out_of_memory"
+    assert "set solver.adjoint = true" in result.reason
+    record = json.loads((tmp_path / "metrics.json").read_text())
+    assert record["status"] == "out_of_memory"

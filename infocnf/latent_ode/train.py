@@ -285,6 +285,8 @@ class LatentODETrainer:
             result = self._failed(exc.status, exc.message)
         except _Diverged as exc:
             result = self._failed("diverged", f"{exc}; lower train.lr or train.grad_clip")
+        except torch.cuda.OutOfMemoryError as exc:
+            result = self._failed("out_of_memory", f"{exc}; lower train.batch_size or train.eval_batch_size")
         self._write_metrics(result)
         self._emit("on_end", result)
         return result
