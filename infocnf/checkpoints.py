@@ -4,13 +4,26 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-__all__ = ["save_checkpoint", "load_checkpoint", "capture_rng_state", "restore_rng_state", "check_config_hash"]
+from .toml_config import flatten
+
+__all__ = [
+    "save_checkpoint",
+    "load_checkpoint",
+    "capture_rng_state",
+    "restore_rng_state",
+    "check_config_hash",
+    "prepare_output_dir",
+]
+
+# How many changed settings a config-mismatch message lists before it only counts the rest.
+_MAX_LISTED_CHANGES = 8
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
@@ -53,11 +66,42 @@ def restore_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
-def check_config_hash(state: dict[str, Any], expected: str, path: str | Path) -> None:
-    """Raise ValueError when a checkpoint was written by a run with a different config."""
-    if state["config_hash"] != expected:
-        raise ValueError(
-            f"checkpoint {path} belongs to a different config (hash {state['config_hash']}, this run "
-            f"{expected}); use a new output folder (--output DIR) or restore the original config, or pass "
-            f"--no-resume to start over in this folder and replace its checkpoints (fit(resume=False) in Python)"
-        )
+def check_config_hash(state: dict[str, Any], expected: str, path: str | Path, current: dict[str, Any] | None = None) -> None:
+    """Raise ValueError when a checkpoint was written by a run with a different config.
+
+    ``current`` is this run's config as nested dictionaries. When the checkpoint also stores its
+    config, the message lists the settings that differ.
+    """
+    if state["config_hash"] == expected:
+        return
+    changes = ""
+    if current is not None and isinstance(state.get("config"), dict):
+        before, after = flatten(state["config"]), flatten(current)
+        differing = [key for key in sorted(before.keys() | after.keys()) if before.get(key) != after.get(key)]
+        listed = [f"{key}: {before.get(key, '(unset)')!r} -> {after.get(key, '(unset)')!r}"
+                  for key in differing[:_MAX_LISTED_CHANGES]]
+        if len(differing) > _MAX_LISTED_CHANGES:
+            listed.append(f"and {len(differing) - _MAX_LISTED_CHANGES} more")
+        if listed:
+            changes = f"; changed settings: {', '.join(listed)}"
+    raise ValueError(
+        f"checkpoint {path} belongs to a different config (hash {state['config_hash']}, this run {expected})"
+        f"{changes}. Use a new output folder (--output DIR), restore the original settings, or pass "
+        f"--no-resume to delete this folder's checkpoints and results and start over"
+    )
+
+
+def prepare_output_dir(output_dir: Path, resume: bool, outputs: tuple[str, ...]) -> None:
+    """Create a run's output folder. Without ``resume``, delete an earlier run's files there first.
+
+    ``outputs`` names the files the run writes besides checkpoints/. Deleting them when a run
+    starts over keeps an earlier run's results from standing next to the new run's config.
+    """
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ValueError(f"output folder {output_dir} is an existing file; pass the path of a folder")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if resume:
+        return
+    shutil.rmtree(output_dir / "checkpoints", ignore_errors=True)
+    for name in outputs:
+        (output_dir / name).unlink(missing_ok=True)

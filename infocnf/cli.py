@@ -59,7 +59,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"infocnf {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"infocnf {args.command}: interrupted; finished results are kept, rerun the same command to resume", file=sys.stderr)
+        # The same command with --no-resume would start over again, so the hint drops that flag.
+        rerun = "rerun without --no-resume" if getattr(args, "no_resume", False) else "rerun the same command"
+        print(f"infocnf {args.command}: interrupted; finished results are kept, {rerun} to resume", file=sys.stderr)
         return 130
 
 

@@ -16,7 +16,14 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from .checkpoints import capture_rng_state, check_config_hash, load_checkpoint, restore_rng_state, save_checkpoint
+from .checkpoints import (
+    capture_rng_state,
+    check_config_hash,
+    load_checkpoint,
+    prepare_output_dir,
+    restore_rng_state,
+    save_checkpoint,
+)
 from .config import RunConfig, config_hash, save_config
 from .data import DataSplits, dequantize, iterate_batches, load_splits, random_horizontal_flip
 from .distributed import join_process_group
@@ -39,6 +46,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 # Outcomes of a run: "finished", or the failure that ended it.
+# Files a run writes in its output folder besides config.toml and checkpoints/.
+RUN_OUTPUTS = ("metrics.json", "history.csv", "tolerances.csv")
+
 RUN_STATUSES = ("finished", "diverged", "step_size_underflow", "step_budget_exceeded", "non_finite", "timeout", "out_of_memory")
 
 
@@ -156,6 +166,7 @@ class Trainer:
     def _state(self) -> dict[str, Any]:
         return {
             "config_hash": self.config_hash,
+            "config": self.config.to_dict(),
             "model": self.model.state_dict(),
             "policy": self.policy.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -179,7 +190,7 @@ class Trainer:
         state = self._load(path)
         if state is None:
             return False
-        check_config_hash(state, self.config_hash, path)
+        check_config_hash(state, self.config_hash, path, self.config.to_dict())
         self.model.load_state_dict(state["model"])
         self.policy.load_state_dict(state["policy"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -367,13 +378,20 @@ class Trainer:
         return val["loss"]
 
     def fit(self, resume: bool = True) -> TrainResult:
-        """Train to the configured number of epochs, then evaluate the selected model on test."""
+        """Train to the configured number of epochs, then evaluate the selected model on test.
+
+        With ``resume``, an interrupted run of the same config in the output folder goes on from
+        its checkpoints/last.pt. Without it, the folder's checkpoints and results are deleted first.
+        """
         cfg = self.config
-        if not self.data_parallel or self.data_parallel.is_main:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.output_dir / "config.toml")
+        is_main = not self.data_parallel or self.data_parallel.is_main
+        if is_main:
+            prepare_output_dir(self.output_dir, resume, RUN_OUTPUTS)
         if resume:
             self.resume()
+        # Written after the checkpoint check, so that a rejected config leaves the folder's config.toml alone.
+        if is_main:
+            save_config(cfg, self.output_dir / "config.toml")
         self._emit("on_start")
         started = time.monotonic()
         base_elapsed = self.elapsed_s

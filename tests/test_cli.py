@@ -3,6 +3,7 @@
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 import pytest
 from tqdm import tqdm
@@ -116,3 +117,19 @@ def test_report_output_option_and_alias(flag):
 
 def test_report_output_default():
     assert build_parser().parse_args(["report", "--experiment", "exp"]).out == "reports/latest"
+
+
+def _interrupt(self, resume=True):
+    raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("extra, hint", [([], "rerun the same command to resume"),
+                                         (["--no-resume"], "rerun without --no-resume to resume")])
+def test_cli_interrupt_hint(monkeypatch, tmp_path, capsys, extra, hint):
+    from infocnf.train import Trainer
+
+    monkeypatch.setattr(Trainer, "fit", _interrupt)
+    config = Path(__file__).resolve().parent.parent / "configs" / "digits-ccnf.toml"
+    argv = ["train", "--config", str(config), "--output", str(tmp_path / "run"), "--no-progress", *extra]
+    assert main(argv) == 130
+    assert hint in capsys.readouterr().err

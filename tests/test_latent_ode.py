@@ -484,6 +484,29 @@ def test_latent_ode_resume_rejects_other_config(tmp_path):
     with pytest.raises(ValueError, match="belongs to a different config") as caught:
         run_latent_ode(tiny_config(epochs=2, trajectory_spirals=0), tmp_path)
     assert "--no-resume" in str(caught.value)
+    assert "changed settings: train.epochs: 1 -> 2" in str(caught.value)
+    # The rejected config leaves the folder's config.toml as the checkpoint's.
+    assert load_latent_ode_config(tmp_path / "config.toml").train.epochs == 1
+
+
+def test_latent_ode_no_resume_deletes_old_results(tmp_path):
+    run_latent_ode(tiny_config(epochs=1), tmp_path)
+    for name in ("metrics.json", "model.pt", "trajectories.npz"):
+        assert (tmp_path / name).is_file(), name
+    with pytest.raises(_Interrupt):
+        run_latent_ode(tiny_config(epochs=2), tmp_path, [_InterruptAfterFirstEpoch()], resume=False)
+    for name in ("metrics.json", "model.pt", "trajectories.npz"):
+        assert not (tmp_path / name).exists(), name
+    assert load_latent_ode_config(tmp_path / "config.toml").train.epochs == 2
+    assert (tmp_path / "checkpoints" / "last.pt").is_file()
+
+
+def test_latent_ode_output_is_file_rejected(tmp_path):
+    output = tmp_path / "taken"
+    output.write_text("not a folder")
+    with pytest.raises(ValueError, match="is an existing file"):
+        run_latent_ode(tiny_config(epochs=1), output)
+    assert output.read_text() == "not a folder"
 
 
 def test_evaluation_errors_match_trajectories(tmp_path):

@@ -120,8 +120,31 @@ def test_train_resume_exact(tmp_path, strategy):
 
 def test_train_resume_rejects_other_config(tmp_path):
     Trainer(tiny_config(epochs=1), tmp_path).fit()
-    with pytest.raises(ValueError, match="belongs to a different config"):
+    with pytest.raises(ValueError, match="belongs to a different config") as caught:
         Trainer(tiny_config(epochs=1, lr=2e-3), tmp_path).fit()
+    assert "changed settings: train.lr: 0.001 -> 0.002" in str(caught.value)
+    # The rejected config leaves the folder's config.toml as the checkpoint's.
+    assert load_config(tmp_path / "config.toml").train.lr == 1e-3
+
+
+def test_train_no_resume_deletes_old_results(tmp_path):
+    Trainer(tiny_config(epochs=1), tmp_path).fit()
+    assert (tmp_path / "metrics.json").is_file()
+    with pytest.raises(Interrupt):
+        Trainer(tiny_config(epochs=2, lr=2e-3), tmp_path, callbacks=[InterruptAfterFirstEpoch()]).fit(resume=False)
+    # The interrupted new run has its own config, history and checkpoint, and no old metrics.
+    assert not (tmp_path / "metrics.json").exists()
+    assert load_config(tmp_path / "config.toml").train.lr == 2e-3
+    assert len(pd.read_csv(tmp_path / "history.csv")) == 1
+    assert (tmp_path / "checkpoints" / "last.pt").is_file()
+
+
+def test_train_output_is_file_rejected(tmp_path):
+    output = tmp_path / "taken"
+    output.write_text("not a folder")
+    with pytest.raises(ValueError, match="is an existing file"):
+        Trainer(tiny_config(epochs=1), output).fit()
+    assert output.read_text() == "not a folder"
 
 
 def test_cli_train_other_config_suggests_no_resume(tmp_path, capsys):
@@ -131,8 +154,8 @@ def test_cli_train_other_config_suggests_no_resume(tmp_path, capsys):
     assert main([*args, "--lr", "2e-3"]) == 2
     err = capsys.readouterr().err
     assert "belongs to a different config" in err
-    assert "use a new output folder (--output DIR) or restore the original config" in err
-    assert "pass --no-resume to start over in this folder" in err
+    assert "Use a new output folder (--output DIR), restore the original settings" in err
+    assert "pass --no-resume to delete this folder's checkpoints and results and start over" in err
     assert main([*args, "--lr", "2e-3", "--no-resume"]) == 0
     assert load_config(tmp_path / "run" / "config.toml").train.lr == 2e-3
 

@@ -73,7 +73,8 @@ def add_no_resume_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--no-resume",
         action="store_true",
-        help="start from scratch even if the output folder holds a checkpoint of an interrupted run",
+        help="start over: delete the checkpoints and results of an earlier run in the output folder first, "
+        "instead of resuming from its checkpoint",
     )
 
 

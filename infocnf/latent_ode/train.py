@@ -14,7 +14,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..checkpoints import capture_rng_state, check_config_hash, load_checkpoint, restore_rng_state, save_checkpoint
+from ..checkpoints import (
+    capture_rng_state,
+    check_config_hash,
+    load_checkpoint,
+    prepare_output_dir,
+    restore_rng_state,
+    save_checkpoint,
+)
 from ..solve import SolveError, SolveOptions
 from ..train import TrainResult, resolve_device, seed_everything
 from .config import LatentODEConfig, LatentSolverConfig, load_latent_ode_config, save_latent_ode_config
@@ -25,6 +32,10 @@ from .spirals import SpiralSet, SpiralSplits, make_spiral_splits
 __all__ = ["LatentODETrainer", "run_latent_ode", "evaluate_latent_ode", "probe_direction_error", "load_latent_ode", "solve_options"]
 
 log = logging.getLogger(__name__)
+
+# Files a run writes in its output folder besides config.toml and checkpoints/; the command line
+# adds trajectories.png.
+LATENT_ODE_OUTPUTS = ("metrics.json", "history.csv", "model.pt", "trajectories.npz", "trajectories.png")
 
 
 def solve_options(config: LatentSolverConfig, evaluation: bool) -> SolveOptions:
@@ -150,6 +161,7 @@ class LatentODETrainer:
     def _state(self) -> dict[str, Any]:
         return {
             "config_hash": self.config_hash,
+            "config": self.config.to_dict(),
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "epoch": self.epoch,
@@ -166,7 +178,7 @@ class LatentODETrainer:
         state = load_checkpoint(path, self.device)
         if state is None:
             return False
-        check_config_hash(state, self.config_hash, path)
+        check_config_hash(state, self.config_hash, path, self.config.to_dict())
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.epoch, self.iteration = state["epoch"], state["iteration"]
@@ -247,13 +259,15 @@ class LatentODETrainer:
 
         With ``resume``, a checkpoint left in the output folder by an interrupted run of the same
         config is loaded first, and training goes on from the epoch after it. Each epoch ends by
-        writing that checkpoint.
+        writing that checkpoint. Without ``resume``, the folder's checkpoints and results are
+        deleted first.
         """
         cfg = self.config
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        save_latent_ode_config(cfg, self.output_dir / "config.toml")
+        prepare_output_dir(self.output_dir, resume, LATENT_ODE_OUTPUTS)
         if resume:
             self.resume()
+        # Written after the checkpoint check, so that a rejected config leaves the folder's config.toml alone.
+        save_latent_ode_config(cfg, self.output_dir / "config.toml")
         log.info(
             "latent ODE run: prior %s, seed %d, solver %s with rtol=%g, atol=%g (evaluation rtol=%g, atol=%g)",
             cfg.prior.method, cfg.seed, cfg.solver.method, cfg.solver.rtol, cfg.solver.atol,
