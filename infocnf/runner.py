@@ -31,6 +31,8 @@ class GridSummary:
     started: int = 0
     resumed: int = 0
     skipped: int = 0
+    # Of the skipped runs, those whose recorded run had failed (rerun with retry_failed).
+    skipped_failed: int = 0
     finished: int = 0
     failed: int = 0
     run_ids: list[str] = field(default_factory=list)
@@ -100,6 +102,8 @@ def run_grid(
             if claim.action == "skip":
                 log.info("skip %s seed %d: run %s %s", cell.cell_id, seed, claim.run_id, claim.reason)
                 summary.skipped += 1
+                if claim.status and claim.status != "finished":
+                    summary.skipped_failed += 1
                 claimer.release(cell, seed, "skipped")
                 if on_run_done:
                     on_run_done(cell, seed, "skipped")

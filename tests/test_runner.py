@@ -111,6 +111,7 @@ def test_run_grid_diverging_cell_fails(tmp_path):
     assert by_cell["stability=ok"].info.status == "FINISHED"
     again = run_grid(grid, _uri(tmp_path), "exp", runs_dir=tmp_path / "runs")
     assert again.skipped == 2
+    assert again.skipped_failed == 1
 
 
 def test_run_grid_bad_store_raises_clear_error(tmp_path):

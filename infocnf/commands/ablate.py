@@ -125,9 +125,15 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if bar is not None:
             bar.close()
+    skipped = f"{summary.skipped} skipped (already done)"
+    if summary.skipped_failed:
+        skipped = (
+            f"{summary.skipped} skipped (already done: {summary.skipped - summary.skipped_failed} finished, "
+            f"{summary.skipped_failed} failed earlier, which --retry-failed reruns)"
+        )
     print(
-        f"grid {grid.name}: {summary.finished} finished, {summary.failed} failed, {summary.skipped} skipped "
-        f"(already done), {summary.resumed} resumed; MLflow experiment {experiment!r} at {summary.tracking_uri}"
+        f"grid {grid.name}: {summary.finished} finished, {summary.failed} failed, {skipped}, "
+        f"{summary.resumed} resumed; MLflow experiment {experiment!r} at {summary.tracking_uri}"
     )
     for cell_id, seed, reason in summary.failures:
         print(f"  FAILED {cell_id} seed={seed}: {reason.splitlines()[0]}")
