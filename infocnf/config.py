@@ -47,7 +47,10 @@ _FIXED_GRID_METHODS = ("euler", "midpoint", "heun2", "heun3", "rk4", "explicit_a
 _TOML_FORMAT = ConfigFormat(
     top_table="run",
     unknown_key="unknown setting {where}: the [{table}] table accepts {accepted}",
-    unknown_top_key="unknown setting {key!r}: a run config has the keys {accepted}",
+    unknown_top_key=(
+        "unknown setting {key!r}: a run config has the keys {accepted} "
+        "(a LatentODE config, which has a [prior] table, is for infocnf latent-ode)"
+    ),
     not_a_section="unknown setting {key!r}: {part!r} is not a section of the config",
     override_example="train.lr=1e-3",
 )

@@ -39,6 +39,7 @@ from infocnf.latent_ode import (
     solve_latent,
     solve_options,
 )
+from infocnf.config import load_config
 from infocnf.solve import SolveError, SolveOptions
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -356,6 +357,13 @@ def test_config_file_errors(tmp_path):
     unknown.write_text("[train]\nepoch = 3\n")
     with pytest.raises(ValueError, match=r"unknown setting train.epoch: the \[train\] table accepts"):
         load_latent_ode_config(unknown)
+
+
+def test_config_files_swapped_name_command():
+    with pytest.raises(ValueError, match="is for infocnf train"):
+        load_latent_ode_config(CONFIGS / "digits-ccnf.toml")
+    with pytest.raises(ValueError, match="is for infocnf latent-ode"):
+        load_config(CONFIGS / "latent-ode-quick.toml")
 
 
 def test_config_round_trip(tmp_path):

@@ -40,6 +40,10 @@ _ACTIVATIONS = ("softplus", "tanh", "elu")
 _TOML_FORMAT = ConfigFormat(
     top_table="run",
     unknown_key="unknown setting {table}.{key}: the [{table}] table accepts {accepted}",
+    unknown_top_key=(
+        "unknown setting {key!r}: a LatentODE config has the keys {accepted} "
+        "(a CNF run config, which has a [conditioning] table, is for infocnf train)"
+    ),
     not_a_section="unknown setting {key!r}: {part!r} is not a section; sections are {sections}",
     override_example="prior.method=none",
 )
