@@ -199,7 +199,10 @@ class Trainer:
         self.epoch, self.iteration = state["epoch"], state["iteration"]
         self.history, self.best, self.elapsed_s = state["history"], state["best"], state["elapsed_s"]
         restore_rng_state(state["rng"])
-        log.info("resumed from %s after epoch %d", path, self.epoch)
+        if self.epoch >= self.config.train.epochs:
+            log.info("%s is a finished run's checkpoint (epoch %d): evaluating it again", path, self.epoch)
+        else:
+            log.info("resumed from %s after epoch %d", path, self.epoch)
         return True
 
     def _load(self, path: Path) -> dict[str, Any] | None:

@@ -184,7 +184,10 @@ class LatentODETrainer:
         self.epoch, self.iteration = state["epoch"], state["iteration"]
         self.history, self.best, self.elapsed_s = state["history"], state["best"], state["elapsed_s"]
         restore_rng_state(state["rng"])
-        log.info("resumed latent ODE run from %s after epoch %d", path, self.epoch)
+        if self.epoch >= self.config.train.epochs:
+            log.info("%s is a finished latent ODE run's checkpoint (epoch %d): evaluating it again", path, self.epoch)
+        else:
+            log.info("resumed latent ODE run from %s after epoch %d", path, self.epoch)
         return True
 
     # Training --------------------------------------------------------------------------------
