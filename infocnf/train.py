@@ -503,7 +503,7 @@ class Trainer:
         tmp = path.with_suffix(".tmp")
         # Strict JSON: NaN (a metric that does not apply, such as an unconditional model's error) becomes null.
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in result.metrics.items()}
-        tmp.write_text(json.dumps(clean, indent=2, sort_keys=True, default=float, allow_nan=False))
+        tmp.write_text(json.dumps(clean, indent=2, sort_keys=True, default=float, allow_nan=False) + "\n")
         os.replace(tmp, path)
 
 

@@ -349,7 +349,7 @@ class LatentODETrainer:
         record.update(result.metrics)
         path = self.output_dir / "metrics.json"
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(record, indent=2, sort_keys=True))
+        tmp.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
         os.replace(tmp, path)
 
 
