@@ -414,6 +414,9 @@ def test_run_latent_ode_writes_results(tmp_path, method):
     record = json.loads((tmp_path / "metrics.json").read_text())
     assert record["status"] == "finished"
     assert record["test_mse_forward"] == pytest.approx(result.metrics["test_mse_forward"])
+    # Strict JSON: a metric that does not apply is null, not NaN.
+    assert "NaN" not in (tmp_path / "metrics.json").read_text()
+    assert (record["test_error"] is None) == (method == "none")
 
 
 def test_run_latent_ode_is_seeded(tmp_path):

@@ -346,10 +346,11 @@ class LatentODETrainer:
     def _write_metrics(self, result: TrainResult) -> None:
         # metrics.json contains the float metrics plus the run's status, reason and config hash.
         record: dict[str, Any] = {"status": result.status, "reason": result.reason, "config_hash": self.config_hash}
-        record.update(result.metrics)
+        # Strict JSON: NaN (a metric that does not apply, such as the baseline prior's direction error) becomes null.
+        record.update({k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in result.metrics.items()})
         path = self.output_dir / "metrics.json"
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+        tmp.write_text(json.dumps(record, indent=2, sort_keys=True, allow_nan=False) + "\n")
         os.replace(tmp, path)
 
 
