@@ -78,8 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--render",
         metavar="RESULTS_JSON",
-        help="measure nothing: rewrite RESULTS.md and results.png in the output folder from this results.json "
-        "(after a change to the report's layout)",
+        help="measure nothing: read this results.json and write it to the output folder again as results.json, "
+        "RESULTS.md and results.png (after a change to the report's layout)",
     )
     parser.add_argument("--compare", nargs="*", default=[], metavar="RESULTS_JSON",
                         help="earlier results.json files, in order, shown as before/after rows in RESULTS.md")

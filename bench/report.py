@@ -14,15 +14,48 @@ __all__ = ["write_results", "render_markdown", "load_results", "solver_budget"]
 _MIB = 2**20
 
 
+# Keys that render_markdown reads from every record, at the top level and inside two of them.
+_REQUIRED_KEYS = ("created", "settings", "machine", "load_average_start", "load_average_end", "elapsed_s")
+_REQUIRED_SETTINGS = ("reference_batch", "reference_tolerance")
+_REQUIRED_MACHINE = ("cpu", "cpu_count", "device", "torch_threads", "python", "torch", "torchdiffeq", "mlflow")
+
+
 def load_results(path: str | Path) -> dict:
-    """Read a results.json written by this benchmark; a missing or invalid file raises ValueError."""
+    """Read a results.json written by this benchmark.
+
+    Raises ValueError when the file is missing, a directory, not JSON, or not a results record:
+    a JSON object with the keys that RESULTS.md needs.
+    """
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"invalid results file {path}: it is a directory; pass the results.json inside it")
     if not path.is_file():
         raise ValueError(f"results file not found: {path}; pass a results.json that python -m bench wrote")
     try:
-        return json.loads(path.read_text())
+        results = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise ValueError(f"invalid JSON in {path}: {exc}") from exc
+    _check_record(results, path)
+    return results
+
+
+def _check_record(results: object, path: Path) -> None:
+    hint = "pass a results.json that python -m bench wrote"
+    if not isinstance(results, dict):
+        raise ValueError(f"invalid results file {path}: expected a JSON object, got a {type(results).__name__}; {hint}")
+    missing = [key for key in _REQUIRED_KEYS if key not in results]
+    for parent, keys in (("settings", _REQUIRED_SETTINGS), ("machine", _REQUIRED_MACHINE)):
+        if parent not in results:
+            continue
+        if not isinstance(results[parent], dict):
+            raise ValueError(f"invalid results file {path}: {parent!r} is not a JSON object; {hint}")
+        missing += [f"{parent}.{key}" for key in keys if key not in results[parent]]
+    if missing:
+        raise ValueError(f"invalid results file {path}: missing keys {', '.join(missing)}; {hint}")
+    for key in ("load_average_start", "load_average_end"):
+        value = results[key]
+        if not (isinstance(value, list) and value and all(isinstance(v, (int, float)) for v in value)):
+            raise ValueError(f"invalid results file {path}: {key} is {value!r}, expected a list of load averages")
 
 
 def _load(values: list[float] | None) -> str:
@@ -77,8 +110,10 @@ def _targets_section(results: dict) -> list[str]:
     lines = ["## Targets", ""]
     rows = []
     for target in targets:
-        if target["met"] is None:
+        if target["value"] is None:
             status = "n/a"
+        elif target["met"] is None:
+            status = "-"  # Measured, but the row has no limit to meet.
         elif target["met"]:
             status = "met"
         else:

@@ -58,15 +58,27 @@ class BenchOptions:
         for name in ("batch_sizes", "tolerances", "mnist_tolerances"):
             if not getattr(self, name):
                 raise ValueError(f"invalid {name}: the list is empty; give at least one value")
-        if min(self.batch_sizes) < 1 or self.mnist_batch_size < 1:
-            raise ValueError(f"invalid batch sizes {self.batch_sizes}, {self.mnist_batch_size}: each must be >= 1")
-        if min(self.tolerances) <= 0 or min(self.mnist_tolerances) <= 0:
-            raise ValueError(f"invalid tolerances {self.tolerances}, {self.mnist_tolerances}: each must be > 0")
-        if self.warmup < 0 or self.repeats < 1 or self.mnist_repeats < 1:
-            raise ValueError(
-                f"invalid warm-up {self.warmup} or repeats {self.repeats}, {self.mnist_repeats}: "
-                f"expected warm-up >= 0 and repeats >= 1"
-            )
+        # (field, its command-line option, smallest allowed value, whether that value is allowed)
+        limits = (
+            ("batch_sizes", "--batch-sizes", 1, True),
+            ("reference_batch", "--reference-batch", 1, True),
+            ("mnist_batch_size", "--mnist-batch-size", 1, True),
+            ("tolerances", "--tolerances", 0, False),
+            ("reference_tolerance", "--reference-tolerance", 0, False),
+            ("mnist_tolerances", "--mnist-tolerances", 0, False),
+            ("warmup", "--warmup", 0, True),
+            ("repeats", "--repeats", 1, True),
+            ("mnist_repeats", "--mnist-repeats", 1, True),
+        )
+        for name, option, low, inclusive in limits:
+            value = getattr(self, name)
+            values = tuple(value) if isinstance(value, (tuple, list)) else (value,)
+            if any(v < low if inclusive else v <= low for v in values):
+                rule = f"must be >= {low}" if inclusive else f"must be > {low}"
+                if isinstance(value, (tuple, list)):
+                    rule = "each value " + rule
+                value_text = ",".join(f"{v:g}" for v in values)
+                raise ValueError(f"invalid {name} {value_text} ({option}): {rule}")
 
 
 def quick_options(**changes) -> BenchOptions:

@@ -277,20 +277,45 @@ def build_report(experiment: str, out_dir: str | Path, tracking_uri: str | None 
         ]
     sections += latent_ode_section(experiment, runs, out, tracking_uri)
     sections += _density_check_section(out, tracking_uri)
-    failures = runs[runs["status"] != "finished"][["cell_id", "seed", "status", "reason", "run_id"]]
-    counts = runs.assign(failed=runs["status"] != "finished").groupby("cell_id")["failed"].sum().astype(int)
-    counts.to_frame("failed runs").to_csv(out / "failures.csv")
-    if counts.sum() == 0:
-        sections += ["## Failed or unfinished runs", "", f"None: all {len(runs)} runs finished.", ""]
-    else:
-        sections += ["## Failed or unfinished runs per cell", "", counts.to_frame("failed runs").to_markdown(), ""]
-    if not failures.empty:
-        failures = failures.assign(reason=failures["reason"].map(lambda r: (r.splitlines() or [""])[0][:200]))
-        sections += [failures.to_markdown(index=False), ""]
+    sections += _failures_section(runs, out)
     index = out / "index.md"
     index.write_text("\n".join(sections))
     log.info("wrote report of %s to %s", experiment, index)
     return index
+
+
+_FAILURE_COLUMNS = ["cell_id", "seed", "status", "reason", "run_id"]
+
+
+def _failures_section(runs: pd.DataFrame, out: Path) -> list[str]:
+    """Write failures.csv and failures_per_cell.csv, and return the index section on failed runs.
+
+    failures.csv has one row per run that did not finish, with its full reason. failures_per_cell.csv
+    counts such runs per cell. Both files and the index tables list cells in Table 1's order, seeds ascending.
+    """
+    ordered = _sort_in_table_order(runs, ["batch_size"], ["lr", "cell_id", "seed"])
+    failed = ordered["status"] != "finished"
+    failures = ordered.loc[failed, _FAILURE_COLUMNS]
+    failures.to_csv(out / "failures.csv", index=False)
+    # groupby(sort=False) keeps the cells in the order of their first row, which is Table 1's.
+    counts = failed.groupby(ordered["cell_id"], sort=False).sum().astype(int).rename("failed runs")
+    counts.rename_axis("cell_id").to_csv(out / "failures_per_cell.csv")
+    files = ("Files: [failures.csv](failures.csv) (one row per failed or unfinished run), "
+             "[failures_per_cell.csv](failures_per_cell.csv).")
+    if failures.empty:
+        return ["## Failed or unfinished runs", "", f"None: all {len(runs)} runs finished.", "", files, ""]
+    # The index shows each reason's first line, cut at 200 characters; failures.csv keeps it whole.
+    index_failures = failures.assign(reason=failures["reason"].map(lambda r: (r.splitlines() or [""])[0][:200]))
+    return [
+        "## Failed or unfinished runs per cell",
+        "",
+        counts.to_frame().to_markdown(),
+        "",
+        index_failures.to_markdown(index=False),
+        "",
+        files,
+        "",
+    ]
 
 
 def _density_check_section(out: Path, tracking_uri: str | None) -> list[str]:

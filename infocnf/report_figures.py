@@ -38,7 +38,7 @@ def _history(client, run_id: str, key: str) -> pd.Series:
 
 def plot_curves(experiment: str, runs: pd.DataFrame, out: Path, tracking_uri: str | None) -> list[tuple[str, Path]]:
     """Plot one panel per metric and one line per cell: the mean over finished seeds with a +-1 std band."""
-    client, _, _ = open_tracking(tracking_uri, experiment)
+    client, _, _ = open_tracking(tracking_uri, experiment, create=False)
     done = runs[runs["status"] == "finished"]
     if done.empty:
         return []
@@ -51,7 +51,8 @@ def plot_curves(experiment: str, runs: pd.DataFrame, out: Path, tracking_uri: st
                 continue
             frame = pd.concat(series, axis=1)
             mean, std = frame.mean(axis=1), frame.std(axis=1, ddof=1).fillna(0.0)
-            (line,) = ax.plot(mean.index, mean.values, label=f"{cell_id} (n={frame.shape[1]})")
+            # Markers keep a run of one epoch visible: a line through a single point draws nothing.
+            (line,) = ax.plot(mean.index, mean.values, marker="o", markersize=3, label=f"{cell_id} (n={frame.shape[1]})")
             ax.fill_between(mean.index, (mean - std).values, (mean + std).values, color=line.get_color(), alpha=0.2)
         ax.set_xlabel("epoch")
         ax.set_ylabel(label)
@@ -74,7 +75,7 @@ def plot_tolerance_distributions(
     Writes one figure per learned cell, in the order the cells first appear in ``runs``. All
     figures share one log10 tolerance range on the y-axis, so cells can be compared by eye.
     """
-    client, _, _ = open_tracking(tracking_uri, experiment)
+    client, _, _ = open_tracking(tracking_uri, experiment, create=False)
     learned = runs[(runs["status"] == "finished") & (runs["tolerance"] == "learned")]
     cells = []
     for cell_id, group in learned.groupby("cell_id", sort=False):

@@ -37,16 +37,24 @@ def default_tracking_uri() -> str:
 def open_tracking(uri: str | None, experiment: str, create: bool = True) -> tuple[MlflowClient, str, str | None]:
     """Open the tracking store and get (or create) the experiment; returns (client, uri, experiment id).
 
-    With ``create=False`` a missing experiment gives None as its id and the store is only read.
+    With ``create=False`` the store is only read: a missing experiment gives None as its id, and
+    a SQLite file that does not exist raises ValueError instead of becoming a new, empty store.
     Raises ValueError naming the URI when the store cannot be opened.
     """
+    default = uri is None
     uri = uri or default_tracking_uri()
-    if uri.startswith("sqlite:///"):
-        folder = Path(uri[len("sqlite:///") :]).parent
-        if not folder.is_dir():
+    database = _sqlite_path(uri)
+    if database is not None:
+        if not database.parent.is_dir():
             raise ValueError(
-                f"cannot open MLflow tracking store {uri}: folder {folder} does not exist; create it or pass "
-                f"another --tracking-uri"
+                f"cannot open MLflow tracking store {uri}: folder {database.parent} does not exist; create it or "
+                f"pass another --tracking-uri"
+            )
+        if not create and not database.is_file():
+            where = " (the default store, mlflow.db in the working directory)" if default else ""
+            raise ValueError(
+                f"MLflow tracking store {database}{where} not found, and reading a store creates none; pass "
+                f"--tracking-uri sqlite:///PATH/mlflow.db pointing at the store that `infocnf ablate` wrote"
             )
     if uri.startswith(("http://", "https://")):
         _check_server(uri)
@@ -69,6 +77,17 @@ def open_tracking(uri: str | None, experiment: str, create: bool = True) -> tupl
             f"(a sqlite:///PATH file, a database URI or a running server's http://HOST:PORT)"
         ) from exc
     return client, uri, experiment_id
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    """Return the database file of a sqlite:/// URI, or None for other URIs and in-memory SQLite."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    # SQLAlchemy reads "?..." after the path as driver options, not as part of the file name.
+    path = uri[len("sqlite:///") :].split("?", 1)[0]
+    if path in ("", ":memory:"):
+        return None
+    return Path(path)
 
 
 def _artifact_location(uri: str, experiment: str) -> str | None:

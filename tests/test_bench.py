@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from bench.harness import measure_harness
 from bench.profile_split import profile_iteration, split_events
 from bench.report import render_markdown, solver_budget, write_results
 from bench.scaling import fit_line, fit_power_law
-from bench.suite import quick_options, run_suite
+from bench.suite import BenchOptions, quick_options, run_suite
 from bench.targets import evaluate_targets
 from bench.timing import measure_peak_memory, summarize, time_iterations
 from bench.workloads import TrainingStep, digits_workload, mnist_workload
@@ -348,3 +349,107 @@ def test_solver_budget_arithmetic():
 def test_solver_budget_needs_floor():
     cell = {"batch_size": 64, "tolerance": 1e-5, "field_cost": {"overhead_share": 0.4, "floor_share": None}}
     assert solver_budget(cell) == []
+
+
+def _stored_record() -> dict:
+    return {
+        "created": "2026-01-01T00:00:00", "label": "stored",
+        "settings": {"reference_batch": 64, "reference_tolerance": 1e-5},
+        "machine": {"cpu": "test cpu", "cpu_count": 2, "memory_gib": 1.0, "device": "cpu", "torch_threads": 1,
+                    "python": "3", "torch": "2", "torchdiffeq": "0.2", "mlflow": "3"},
+        "load_average_start": [0.5, 0.5, 0.5], "load_average_end": [0.5, 0.5, 0.5], "elapsed_s": 1.0,
+    }
+
+
+def _without(record: dict, parent: str, key: str) -> dict:
+    copy = json.loads(json.dumps(record))
+    del copy[parent][key]
+    return copy
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ({"label": "x"}, "missing keys created, settings, machine, load_average_start, load_average_end, elapsed_s"),
+        ([], "expected a JSON object, got a list"),
+        ("text", "expected a JSON object, got a str"),
+        (_without(_stored_record(), "machine", "torch"), "missing keys machine.torch"),
+        (_without(_stored_record(), "settings", "reference_batch"), "missing keys settings.reference_batch"),
+        (dict(_stored_record(), machine=[]), "'machine' is not a JSON object"),
+        (dict(_stored_record(), load_average_end=None), "load_average_end is None, expected a list"),
+    ],
+)
+def test_cli_render_rejects_other_json(content, message, tmp_path, capsys):
+    stored = tmp_path / "stored.json"
+    stored.write_text(json.dumps(content))
+    out = tmp_path / "out"
+    assert main(["--render", str(stored), "--output-dir", str(out)]) == 2
+    error = capsys.readouterr().err
+    assert f"invalid results file {stored}: " in error
+    assert message in error
+    assert not out.exists()
+
+
+def test_cli_render_rejects_directory(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["--render", str(tmp_path), "--output-dir", str(out)]) == 2
+    assert f"invalid results file {tmp_path}: it is a directory" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_cli_render_help_names_results_json():
+    from bench.__main__ import build_parser
+
+    help_text = next(a.help for a in build_parser()._actions if a.dest == "render")
+    assert "results.json, RESULTS.md and results.png" in help_text
+
+
+def test_evaluate_targets_says_why_unmeasured():
+    settings = {"reference_batch": 64, "reference_tolerance": 1e-5}
+    profile = {"cells": [{"batch_size": 64, "tolerance": 1e-5, "split": {"overhead_share": 0.05}}]}
+    no_harness = {row["name"]: row for row in evaluate_targets({"settings": settings, "profile": profile})}
+    assert no_harness["MLflow logging overhead"]["where"] == "not measured (harness section not run)"
+    assert no_harness["Trainer overhead over the minimal loop"]["where"] == "not measured (harness section not run)"
+    assert no_harness["solver + harness overhead"]["where"] == "not measured (harness section not run)"
+    assert no_harness["the same, cost model without the profiler"]["where"] == (
+        "not measured (the profiled cell has no cost model)"
+    )
+    solver = no_harness["solver, loss and optimizer overhead (profiled minimal loop)"]
+    assert solver["where"] == "digits, batch 64, tolerance 1e-05, one profiled iteration"
+
+    mlflow_off = {"settings": settings, "harness": {"trainer_overhead_share": 0.02, "mlflow": {}}}
+    rows = {row["name"]: row for row in evaluate_targets(mlflow_off)}
+    assert rows["MLflow logging overhead"]["where"] == "not measured (MLflow off)"
+    assert rows["solver + harness overhead"]["where"] == "not measured (profile section not run)"
+
+    other_cell = {"settings": settings, "profile": {"cells": [dict(profile["cells"][0], batch_size=8)]}}
+    rows = {row["name"]: row for row in evaluate_targets(other_cell)}
+    assert rows["solver + harness overhead"]["where"] == "not measured (no profiled cell at batch 64, tolerance 1e-05)"
+
+
+def test_render_markdown_target_status_without_limit():
+    results = dict(_stored_record(), profile={"cells": [
+        {"batch_size": 64, "tolerance": 1e-5, "nfe_forward": 10, "nfe_backward": 20,
+         "split": {"overhead_share": 0.05, "iteration_s": 1.0, "field_forward_s": 0.5, "field_backward_s": 0.45,
+                   "solver_forward_s": 0.02, "solver_backward_s": 0.02, "other_s": 0.01, "top_overhead_ops": []},
+         "load_average": [0.5, 0.5, 0.5]}]})
+    markdown = render_markdown(results)
+    assert "| solver, loss and optimizer overhead (profiled minimal loop) | 5.0 % | - | - |" in markdown
+    assert "| solver + harness overhead | n/a | <= 10 % | n/a | not measured (harness section not run) |" in markdown
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"batch_sizes": (0,)}, "invalid batch_sizes 0 (--batch-sizes): each value must be >= 1"),
+        ({"mnist_batch_size": 0}, "invalid mnist_batch_size 0 (--mnist-batch-size): must be >= 1"),
+        ({"reference_batch": 0}, "invalid reference_batch 0 (--reference-batch): must be >= 1"),
+        ({"tolerances": (1e-3, 0.0)}, "invalid tolerances 0.001,0 (--tolerances): each value must be > 0"),
+        ({"reference_tolerance": -1.0}, "invalid reference_tolerance -1 (--reference-tolerance): must be > 0"),
+        ({"warmup": -1}, "invalid warmup -1 (--warmup): must be >= 0"),
+        ({"mnist_repeats": 0}, "invalid mnist_repeats 0 (--mnist-repeats): must be >= 1"),
+    ],
+)
+def test_bench_options_name_invalid_field(changes, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        BenchOptions(**changes)

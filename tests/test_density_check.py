@@ -421,8 +421,12 @@ def test_cli_density_check_writes_outputs(tmp_path, capsys):
 
 def test_report_section_without_density_check(tmp_path):
     from infocnf.density_check.tracking import report_section
+    from infocnf.tracking import open_tracking
 
-    lines = report_section(tmp_path, f"sqlite:///{tmp_path / 'mlflow.db'}")
+    # The store exists, as `infocnf ablate` wrote it, but contains no density check.
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    open_tracking(uri, "exp")
+    lines = report_section(tmp_path, uri)
     assert any("No density check on this tracking store yet" in line for line in lines)
 
 

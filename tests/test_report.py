@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 
 from infocnf import report_figures
+from infocnf.density_check.tracking import report_section
 from infocnf.report import build_report, load_runs
 from infocnf.tracking import TAG_PREFIX, open_tracking
 
@@ -140,3 +141,112 @@ def test_report_tolerance_figures_share_y_axis(store, tmp_path, monkeypatch):
     assert limits[0] == limits[1] == limits[2]
     # The shared range spans every cell's samples, -6 (none) to -2 (infocnf), plus 5 % of 4 decades.
     assert limits[0] == pytest.approx((-6.2, -1.8), abs=1e-12)
+
+
+def _log_outcome(client, experiment_id, conditioning, tolerance, seed, status, reason, start_time):
+    """Log a run with no metrics and the given harness outcome; returns its run id."""
+    cell_id = _cell_id(conditioning, tolerance)
+    tags = {TAG_PREFIX + "cell_id": cell_id, TAG_PREFIX + "seed": str(seed), TAG_PREFIX + "status": status,
+            TAG_PREFIX + "kind": "cnf"}
+    if reason:
+        tags[TAG_PREFIX + "reason"] = reason
+    run_id = client.create_run(experiment_id, start_time=start_time, tags=tags, run_name=cell_id).info.run_id
+    params = {"train.batch_size": "64", "conditioning.method": conditioning,
+              "solver.tolerance.strategy": tolerance, "train.lr": "0.001", "seed": str(seed)}
+    for key, value in params.items():
+        client.log_param(run_id, key, value)
+    client.set_terminated(run_id, "FINISHED" if status == "finished" else "FAILED")
+    return run_id
+
+
+def test_report_failures_in_table_order(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client, _, experiment_id = open_tracking(uri, "fails")
+    # (conditioning, tolerance, seed, status, reason), logged in this order, so MLflow lists
+    # seed 1 of each cell before seed 0 and the infocnf cell first.
+    outcomes = [
+        ("none", "fixed", 0, "error", "RuntimeError: out of memory\nTraceback line"),
+        ("none", "fixed", 1, "error", "RuntimeError: out of memory"),
+        ("ccnf", "fixed", 0, "finished", ""),
+        ("ccnf", "fixed", 1, "step_budget_exceeded", "solver took more than 1000 steps"),
+        ("infocnf", "learned", 0, "running", ""),
+        ("infocnf", "learned", 1, "finished", ""),
+    ]
+    run_ids = [
+        _log_outcome(client, experiment_id, *outcome, start_time=1_700_000_000_000 + 1000 * i)
+        for i, outcome in enumerate(outcomes)
+    ]
+    out = tmp_path / "report"
+    build_report("fails", out, tracking_uri=uri)
+
+    expected = [
+        [_cell_id(c, t), str(seed), status, reason, run_id]
+        for (c, t, seed, status, reason), run_id in zip(outcomes, run_ids)
+        if status != "finished"
+    ]
+    with open(out / "failures.csv", newline="") as file:
+        rows = list(csv.reader(file))
+    assert rows[0] == ["cell_id", "seed", "status", "reason", "run_id"]
+    assert rows[1:] == expected
+    with open(out / "failures_per_cell.csv", newline="") as file:
+        counts = list(csv.reader(file))
+    assert counts == [
+        ["cell_id", "failed runs"],
+        [_cell_id("none", "fixed"), "2"],
+        [_cell_id("ccnf", "fixed"), "1"],
+        [_cell_id("infocnf", "learned"), "1"],
+    ]
+
+    text = (out / "index.md").read_text()
+    section = text[text.index("## Failed or unfinished runs per cell"):]
+    tables = _markdown_table(section)
+    header_index = tables.index(["cell_id", "seed", "status", "reason", "run_id"])
+    shown = tables[header_index + 1:]
+    # The index keeps each reason's first line only.
+    assert shown == [[cell, seed, status, reason.splitlines()[0] if reason else "", run_id]
+                     for cell, seed, status, reason, run_id in expected]
+
+
+def test_report_curves_mark_single_epoch(tmp_path, monkeypatch):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client, _, experiment_id = open_tracking(uri, "one-epoch")
+    run_id = _log_outcome(client, experiment_id, "ccnf", "fixed", 0, "finished", "", start_time=1_700_000_000_000)
+    client.log_metric(run_id, "test_bits_per_dim", 1.5, step=1)
+    figures = []
+    # Keep the figure open, to read its lines after plot_curves returns.
+    monkeypatch.setattr(report_figures.plt, "close", figures.append)
+    try:
+        written = report_figures.plot_curves("one-epoch", load_runs("one-epoch", uri), tmp_path, uri)
+    finally:
+        monkeypatch.undo()
+    lines = [line for ax in figures[0].axes for line in ax.get_lines()]
+    report_figures.plt.close(figures[0])
+    assert len(written) == 1
+    assert len(lines) == 1
+    assert list(lines[0].get_xdata()) == [1]
+    assert lines[0].get_marker() == "o"
+    assert lines[0].get_markersize() > 0
+
+
+def test_report_missing_default_store_creates_nothing(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=r"MLflow tracking store .*mlflow\.db \(the default store.*--tracking-uri"):
+        build_report("exp", tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_report_missing_given_store_creates_nothing(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'other.db'}"
+    with pytest.raises(ValueError, match=re.escape(f"MLflow tracking store {tmp_path / 'other.db'} not found")):
+        load_runs("exp", uri)
+    with pytest.raises(ValueError, match="pointing at the store that `infocnf ablate` wrote"):
+        report_section(tmp_path, uri)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_open_tracking_creates_store_for_writers(tmp_path):
+    # infocnf ablate and infocnf train open the store with create=True and must get a new one.
+    uri = f"sqlite:///{tmp_path / 'new.db'}"
+    _, _, experiment_id = open_tracking(uri, "exp")
+    assert (tmp_path / "new.db").is_file()
+    assert experiment_id is not None

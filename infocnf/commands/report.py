@@ -14,7 +14,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "report",
         help="write Table 1, figures and an index page from the runs of an MLflow experiment",
         description="Read the runs of an experiment back from MLflow and write table1.md/.csv/.tex, "
-        "curves.png, learned-tolerance plots, failures.csv and index.md into the output folder.",
+        "curves.png, learned-tolerance plots, failures.csv, failures_per_cell.csv and index.md into the output "
+        "folder. Reading creates no MLflow store: a missing SQLite file is an error.",
     )
     parser.add_argument("--experiment", required=True, help="MLflow experiment name, for example infocnf-digits")
     # --out is the option's earlier name, kept so that existing scripts still run.
