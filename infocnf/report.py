@@ -165,6 +165,10 @@ def format_table(table: pd.DataFrame) -> pd.DataFrame:
             "Δ NFE fwd %": table["Δ NFE forward %"].map(lambda v: _signed(v, 1)),
         }
     )
+    # A grid factor outside these columns (a solver setting, say) gives rows that would print
+    # alike, so the cell id, which names every factor level, is shown next to them.
+    if table.duplicated(["batch size", "conditioning", "tolerance", "lr"], keep=False).any():
+        out.insert(4, "cell", table["cell"])
     return out
 
 

@@ -8,7 +8,7 @@ import pytest
 
 from infocnf import report_figures
 from infocnf.density_check.tracking import report_section
-from infocnf.report import build_report, load_runs
+from infocnf.report import build_report, format_table, load_runs
 from infocnf.tracking import TAG_PREFIX, open_tracking
 
 # Table 1's row order for one batch size and learning rate.
@@ -250,3 +250,20 @@ def test_open_tracking_creates_store_for_writers(tmp_path):
     _, _, experiment_id = open_tracking(uri, "exp")
     assert (tmp_path / "new.db").is_file()
     assert experiment_id is not None
+
+
+def _table_row(cell, conditioning, tolerance):
+    row = {"cell": cell, "batch size": 64, "conditioning": conditioning, "tolerance": tolerance, "lr": 1e-3,
+           "seeds": 2, "failed": 0, "Δ error (points)": 0.0, "Δ bits/dim %": 0.0, "Δ NFE forward %": 0.0}
+    for name in ("test error %", "test bits/dim", "train NFE forward", "train NFE backward"):
+        row[f"{name} mean"], row[f"{name} std"] = 1.0, 0.1
+    return row
+
+
+def test_format_table_cell_column_only_when_rows_collide():
+    distinct = pd.DataFrame([_table_row("a", "ccnf", "fixed"), _table_row("b", "ccnf", "learned")])
+    assert "cell" not in format_table(distinct).columns
+    colliding = pd.DataFrame([_table_row("steps=ok", "ccnf", "fixed"), _table_row("steps=tight", "ccnf", "fixed")])
+    pretty = format_table(colliding)
+    assert list(pretty.columns[:5]) == ["batch", "conditioning", "tolerance", "lr", "cell"]
+    assert list(pretty["cell"]) == ["steps=ok", "steps=tight"]
