@@ -201,7 +201,7 @@ def _expand(path, kind, base, factors, rules, seeds, errors) -> list[Cell]:
     try:
         base_config = config_type.from_dict(base)
     except ValueError as exc:
-        errors.append(f"{path}: [base]: {exc}")
+        errors.extend(f"{path}: [base]: {problem}" for problem in _base_problems(config_type, base, exc))
         return []
     for combo in itertools.product(*(f.levels for f in factors)):
         levels = {f.name: lvl.name for f, lvl in zip(factors, combo)}
@@ -219,10 +219,35 @@ def _expand(path, kind, base, factors, rules, seeds, errors) -> list[Cell]:
             if kind == "cnf":
                 _check_manual_blocks(config)
         except ValueError as exc:
-            errors.append(f"{path}: cell {cell_id}: {exc}")
+            errors.append(f"{path}: cell {cell_id}: {exc}{_culprit(override, base_config, factors, combo)}")
             continue
         cells.append(Cell(cell_id, levels, settings, configs))
     return cells
+
+
+def _base_problems(config_type, base: dict[str, Any], error: ValueError) -> list[str]:
+    """List one problem per [base] section, since building the whole config stops at the first.
+
+    Each section is built alone over the defaults. When no section fails alone, only their
+    combination is invalid, and ``error`` is the one problem.
+    """
+    problems = []
+    for section, value in base.items():
+        try:
+            config_type.from_dict({section: value})
+        except ValueError as exc:
+            problems.append(str(exc))
+    return problems or [str(error)]
+
+
+def _culprit(override, base_config, factors, combo) -> str:
+    """Name the factor level whose settings are invalid on their own, or "" if only their combination is."""
+    for factor, level in zip(factors, combo):
+        try:
+            override(base_config, level.settings)
+        except ValueError:
+            return f" (set by factor {factor.name!r}, level {level.name!r})"
+    return ""
 
 
 def _check_manual_blocks(config: RunConfig) -> None:

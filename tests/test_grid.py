@@ -168,3 +168,25 @@ def test_table1_grid_matches_paper_settings():
     assert all(c.train.lr == 1e-2 and c.train.lr_decay_epochs == (120,) for c in large)
     assert all(c.train.epochs == 400 for c in configs)
     assert grid.seeds == (0, 1, 2)
+
+
+def test_grid_lists_every_bad_base_section():
+    raw = {"grid": {}, "base": {"data": {"name": "foo"}, "train": {"lrr": 1.0}, "solver": {"eval_tolerance": 0.0}}}
+    with pytest.raises(GridError) as info:
+        parse_grid(raw, "bad.toml")
+    text = str(info.value)
+    assert "bad.toml: [base]: invalid data.name = 'foo'" in text
+    assert "unknown setting train.lrr" in text
+    assert "solver.eval_tolerance" in text
+
+
+def test_grid_bad_level_names_its_factor():
+    factors = {"batch": {"levels": [{"name": "64", "train.batch_size": 64, "train.lr": True}]},
+               "cond": {"key": "conditioning.method", "levels": ["none", "ccnf"]}}
+    with pytest.raises(GridError) as info:
+        parse_grid(_grid(factors=factors), "bad.toml")
+    text = str(info.value)
+    assert "invalid train.lr = True" in text
+    assert "(set by factor 'batch', level '64')" in text
+    # The same bad level in two cells is reported once.
+    assert text.count("invalid train.lr") == 1
