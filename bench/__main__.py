@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     # What runs, where, and with how many threads.
-    parser.add_argument("--quick", action="store_true", help="tiny sizes that finish in seconds (for tests and smoke runs)")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes for tests and smoke runs: well under a minute, and the numbers mean little")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads for this process (default 1; more than the free cores slows every op)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default auto: the GPU when there is one)")

@@ -108,6 +108,12 @@ def _machine_section(results: dict) -> list[str]:
 def _targets_section(results: dict) -> list[str]:
     targets = evaluate_targets(results)
     lines = ["## Targets", ""]
+    if results["settings"].get("quick"):
+        lines += [
+            "**A --quick run:** a tiny model with few repeats, so these figures show that the benchmark "
+            "runs, not whether the harness meets its targets.",
+            "",
+        ]
     rows = []
     for target in targets:
         if target["value"] is None:

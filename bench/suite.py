@@ -50,6 +50,8 @@ class BenchOptions:
     harness_iterations: int = 20
     mlflow: bool = True
     label: str = ""
+    # Set by quick_options: the sizes are for smoke runs and cannot judge the targets.
+    quick: bool = False
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.sections) - set(SECTIONS))
@@ -100,6 +102,7 @@ def quick_options(**changes) -> BenchOptions:
         mnist_num_blocks=1,
         harness_epochs=1,
         harness_iterations=3,
+        quick=True,
     )
     quick.update(changes)
     return BenchOptions(**quick)

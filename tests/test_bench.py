@@ -278,6 +278,9 @@ def test_run_suite_writes_json_markdown_and_plot(tmp_path):
     assert "0.01" in loaded["scaling"]["time_vs_batch"]
     markdown = (tmp_path / "RESULTS.md").read_text()
     assert "## Targets" in markdown
+    assert "**A --quick run:**" in markdown
+    full = render_markdown({**results, "settings": {**results["settings"], "quick": False}})
+    assert "**A --quick run:**" not in full
     assert "## Hot-path changes, before and after" in markdown
     assert "| 4 | 0.01 |" in markdown
     assert (tmp_path / "results.png").stat().st_size > 0
