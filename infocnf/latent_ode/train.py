@@ -185,7 +185,8 @@ class LatentODETrainer:
         self.history, self.best, self.elapsed_s = state["history"], state["best"], state["elapsed_s"]
         restore_rng_state(state["rng"])
         if self.epoch >= self.config.train.epochs:
-            log.info("%s is a finished latent ODE run's checkpoint (epoch %d): evaluating it again", path, self.epoch)
+            log.info("resumed latent ODE run from %s after its last epoch (%d): only the final evaluation runs",
+                     path, self.epoch)
         else:
             log.info("resumed latent ODE run from %s after epoch %d", path, self.epoch)
         return True
