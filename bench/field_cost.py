@@ -123,7 +123,7 @@ def measure_field_cost(step: TrainingStep, rounds: int = 7, evaluations: int = 2
     The chains add one Euler step and one sum per evaluation, so they slightly overstate the
     field's cost, and the overhead share is, if anything, understated. With ``floor``, each
     round also times one iteration whose solves are Euler chains of the real iteration's
-    forward NFE per block; those iterations train the model too, like any other step.
+    forward NFE per block. Those iterations train the model too, like any other step.
     """
     if rounds < 1 or evaluations < 1:
         raise ValueError(f"invalid rounds {rounds} or evaluations {evaluations}: both must be >= 1")

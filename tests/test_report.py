@@ -201,9 +201,9 @@ def test_report_failures_in_table_order(tmp_path):
     section = text[text.index("## Failed or unfinished runs per cell"):]
     tables = _markdown_table(section)
     header_index = tables.index(["cell_id", "seed", "status", "reason", "run_id"])
-    shown = tables[header_index + 1:]
+    index_rows = tables[header_index + 1:]
     # The index keeps each reason's first line only.
-    assert shown == [[cell, seed, status, reason.splitlines()[0] if reason else "", run_id]
+    assert index_rows == [[cell, seed, status, reason.splitlines()[0] if reason else "", run_id]
                      for cell, seed, status, reason, run_id in expected]
 
 
