@@ -165,7 +165,7 @@ def test_ablate_killed_midway_completes_on_rerun(tmp_path):
     import tomli_w
 
     base = json.loads(json.dumps(TINY_BASE))
-    # With all of digits' training images (max_examples 0) an epoch takes about 1.2 s on one thread here,
+    # With all of digits' training images (max_examples 0) an epoch takes 1.0 to 1.3 s on one thread here,
     # so the kill below lands after the first run's first checkpoint and before its last epoch.
     base["data"]["max_examples"] = 0
     base["train"]["epochs"] = 3
